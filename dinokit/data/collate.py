@@ -1,0 +1,127 @@
+"""DINOv2 batch collation: stack multi-crop views crop-major and draw iBOT masks.
+
+Matches `dinov2.data.collate.collate_data_and_cast` bit for bit, given the same Python random
+state: the per-slot mask ratio is drawn with `uniform(probs[i], probs[i+1])` where `probs` are
+float32 0-dim torch tensors (so `int(N * ratio)` truncates a float32 product, e.g. 64 * 0.3f =
+19.2000008 -> 19), the masks are drawn slot by slot and then `shuffle`d, all from one stream.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from dinokit.data.masking import MaskingGenerator, RandomSource
+
+__all__ = ["collate_data_and_cast"]
+
+# A sample as produced by the multi-crop dataset: ({"global_crops": [...], "local_crops": [...]}, target)
+Sample = tuple[dict[str, Sequence[torch.Tensor]], Any]
+MaskFn = Callable[..., np.ndarray]
+
+
+def _stack_crop_major(samples_list: Sequence[Sample], key: str) -> torch.Tensor:
+    """Stack `key` crops as [crop 0 of every image, crop 1 of every image, ...].
+
+    Crop-major order is what the loss code assumes: chunking the batch into n_crops pieces gives
+    one view of every image per chunk.
+
+    Returns:
+        (n_crops * n_images, C, H, W).
+    """
+    n_crops = len(samples_list[0][0][key])
+    return torch.stack([s[0][key][i] for i in range(n_crops) for s in samples_list])
+
+
+def collate_data_and_cast(
+    samples_list: Sequence[Sample],
+    mask_ratio_tuple: tuple[float, float],
+    mask_probability: float,
+    dtype: torch.dtype,
+    n_tokens: int | None = None,
+    mask_generator: MaskFn | None = None,
+    random_state: random.Random | None = None,
+) -> dict[str, Any]:
+    """Collate multi-crop samples and draw block masks for the global crops.
+
+    `int(B * mask_probability)` of the B = n_global * n_images global crops get a mask; their
+    target ratios are spread over [r_min, r_max] by giving slot i a ratio uniform in
+    [probs[i], probs[i+1]] with `probs = linspace(r_min, r_max, n_masked + 1)`. The other crops
+    get an empty mask. The list is then shuffled so masked crops land on random images/views.
+
+    Args:
+        samples_list: n_images samples `({"global_crops": [(C,H,W)]*G, "local_crops": [(C,h,w)]*L}, _)`.
+        mask_ratio_tuple: (min, max) mask ratio, e.g. (0.1, 0.5).
+        mask_probability: fraction of global crops that get a mask, e.g. 0.5.
+        dtype: dtype the crops are cast to (masks stay bool).
+        n_tokens: patches per global crop N (= H_p * W_p); None -> taken from the generator's grid.
+        mask_generator: callable `(num_masking_patches) -> bool ndarray (H_p, W_p)`, e.g. a
+            `MaskingGenerator`. When `random_state` is given it is called with `rng=random_state`
+            too, so the whole collate (ratios, masks, shuffle) draws from that single stream in the
+            same order as the official code draws from the global one.
+        random_state: dedicated stream; None -> the global `random` module (official behaviour).
+
+    Returns:
+        dict with
+        - collated_global_crops: (G * n_images, C, H, W) in `dtype`, crop-major.
+        - collated_local_crops: (L * n_images, C, h, w) in `dtype`, crop-major.
+        - collated_masks: bool (B, N).
+        - mask_indices_list: int64 (M,) flat indices of masked patches in (B*N).
+        - masks_weight: float32 (M,), 1 / (masked patches of that patch's crop).
+        - upperbound: int, sum over masked slots of int(N * probs[i+1]) (float32 product).
+        - n_masked_patches: int64 (1,) = [M].
+    """
+    if mask_generator is None:
+        raise ValueError("collate_data_and_cast needs a mask_generator (e.g. MaskingGenerator)")
+    rng: RandomSource = random_state if random_state is not None else random
+
+    def draw_mask(target: int) -> torch.Tensor:
+        out = mask_generator(target) if random_state is None else mask_generator(target, rng=random_state)
+        return torch.from_numpy(np.asarray(out, dtype=bool))
+
+    collated_global_crops = _stack_crop_major(samples_list, "global_crops")
+    collated_local_crops = _stack_crop_major(samples_list, "local_crops")
+
+    if n_tokens is None:
+        if not isinstance(mask_generator, MaskingGenerator):
+            raise ValueError("n_tokens is required when mask_generator is not a MaskingGenerator")
+        n_tokens = mask_generator.num_patches
+    n = n_tokens
+
+    b = len(collated_global_crops)
+    n_samples_masked = int(b * mask_probability)
+    # float32 0-dim tensors on purpose: the official code indexes a torch.linspace, so the ratio
+    # draw and N * ratio are float32 tensor arithmetic; int() then truncates the float32 value.
+    probs = torch.linspace(mask_ratio_tuple[0], mask_ratio_tuple[1], n_samples_masked + 1)
+    upperbound = 0
+    masks_list: list[torch.Tensor] = []
+    for i in range(n_samples_masked):
+        prob_min, prob_max = probs[i], probs[i + 1]
+        masks_list.append(draw_mask(int(n * rng.uniform(prob_min, prob_max))))
+        upperbound += int(n * prob_max)
+    for _ in range(n_samples_masked, b):
+        # Target 0 draws no random numbers; kept as a call for generality of mask_generator.
+        masks_list.append(draw_mask(0))
+
+    rng.shuffle(masks_list)
+
+    collated_masks = torch.stack(masks_list).flatten(1)  # (B, N)
+    if collated_masks.shape[1] != n:
+        raise ValueError(f"mask grid has {collated_masks.shape[1]} patches but n_tokens={n}")
+    mask_indices_list = collated_masks.flatten().nonzero().flatten()
+    # Each masked patch weighs 1/(masked patches in its crop), so every masked crop counts equally.
+    per_crop = 1 / collated_masks.sum(-1).clamp(min=1.0)
+    masks_weight = per_crop.unsqueeze(-1).expand_as(collated_masks)[collated_masks]
+
+    return {
+        "collated_global_crops": collated_global_crops.to(dtype),
+        "collated_local_crops": collated_local_crops.to(dtype),
+        "collated_masks": collated_masks,
+        "mask_indices_list": mask_indices_list,
+        "masks_weight": masks_weight,
+        "upperbound": upperbound,
+        "n_masked_patches": torch.full((1,), fill_value=mask_indices_list.shape[0], dtype=torch.long),
+    }

@@ -1,0 +1,31 @@
+"""Shared fixtures: where the official-code reference outputs live."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# The repository carries a copy of shared/reference/dinov2 so that a clone elsewhere can run the
+# parity tests; the shared folder beside the checkout wins when it is there (it may be newer).
+BUNDLED_REFERENCE = REPO / "tests" / "data" / "reference_dinov2"
+SHARED_REFERENCE = REPO.parent / "shared" / "reference" / "dinov2"
+
+
+def reference_folder() -> Path:
+    env = os.environ.get("DINOKIT_REFERENCE_DIR")
+    if env:
+        return Path(env)
+    if (SHARED_REFERENCE / "manifest.json").is_file():
+        return SHARED_REFERENCE
+    return BUNDLED_REFERENCE
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    folder = reference_folder()
+    if not (folder / "manifest.json").is_file():
+        pytest.skip(f"no reference data at {folder} (set DINOKIT_REFERENCE_DIR)")
+    return folder
