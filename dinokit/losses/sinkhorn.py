@@ -36,9 +36,13 @@ def sinkhorn_knopp(
     """Sinkhorn-Knopp normalised teacher probabilities.
 
     Same sequence of operations as the official DINOv2 code (so results match to float32
-    rounding), with one change for robustness: the scores are shifted by their global maximum
-    before `exp`. The shift cancels exactly in the first normalisation, but the official version
-    overflows to inf (then NaN) once `score / temp > 88`, which a trained weight_g can reach.
+    rounding), with one change for robustness: each prototype's scores are shifted by their
+    maximum over the global batch before `exp`. A per-prototype factor is cancelled exactly by the
+    first row normalisation, so the result is mathematically unchanged; but the official version
+    overflows to inf (then NaN) once `score / temp > 88` (reachable when weight_g is trained), and
+    a single global shift would instead underflow whole prototype rows to 0 (0 / 0 = NaN) when the
+    score range is large. After the shift every row holds an exp(0) = 1. A sample whose scores are
+    all > 87 * temp below every prototype's best can still underflow; that is left to fail loudly.
 
     Args:
         teacher_output: (n, K) teacher head outputs on this rank (any float dtype; computed in fp32).
@@ -50,13 +54,15 @@ def sinkhorn_knopp(
         (n, K) float32 targets; each row sums to 1.
     """
     scores = teacher_output.float() / teacher_temp
-    shift = scores.max() if scores.numel() else scores.new_tensor(float("-inf"))
-    shift = _all_reduce(shift.clone(), "max")
-    if not torch.isfinite(shift):
-        # Every rank is empty (or the scores are already inf / NaN): nothing sensible to shift by.
-        shift = torch.zeros_like(shift)
+    n_local, k = scores.shape
+    if n_local:
+        shift = scores.amax(dim=0)
+    else:  # this rank holds no sample (e.g. no masked patch); other ranks decide the max
+        shift = scores.new_full((k,), float("-inf"))
+    shift = _all_reduce(shift, "max")
+    # All ranks empty, or scores already inf / NaN: no sensible shift, keep the official math.
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
     q = torch.exp(scores - shift).t()  # (K, n): prototypes x samples
-    k = q.shape[0]
     b = n_samples.to(q.device) if isinstance(n_samples, Tensor) else n_samples
 
     q /= _all_reduce(torch.sum(q))
