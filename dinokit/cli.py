@@ -41,6 +41,28 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    import logging
+
+    from dinokit.config import ConfigError, load_config
+    from dinokit.data.datasets import DatasetError
+    from dinokit.train.loop import NonFiniteLossError, train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        cfg = load_config(args.preset, [f"data.path={args.data}", *args.overrides])
+        result = train(cfg, args.out)
+    except (ConfigError, DatasetError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    print(f"done: {result.steps_done} steps, loss {result.final_loss:.4f}, "
+          f"{result.skipped_images} images skipped; teacher backbone in {args.out}/teacher_backbone.safetensors")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dinokit", description="DINO / DINOv2 self-supervised learning toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-reference", help="prove parity with the official code's reference outputs")
     check.add_argument("dir", type=Path, help="folder with manifest.json and the case files")
     check.set_defaults(func=_check_reference)
+
+    tr = sub.add_parser("train", help="DINOv2 / DINO pretraining on a folder of images (resumes an existing --out)")
+    tr.add_argument("data", help="image folder, file list, or Fashion-MNIST folder (with data.dataset=...)")
+    tr.add_argument("--preset", default="tiny", help="tiny, vits14, vitb14, vitl14, vitg14, vitl16_short, dino_vits16")
+    tr.add_argument("--out", type=Path, required=True, help="run folder (created, or resumed if it exists)")
+    tr.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=300")
+    tr.set_defaults(func=_train)
 
     demo = sub.add_parser("demo", help="extract features of a photo and draw their PCA")
     demo.add_argument("--arch", default="dinov2_vits14", choices=sorted(OFFICIAL_ARCHS))
@@ -60,7 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides (key=value) may come before or after options: collect what argparse leaves over.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if item.startswith("-") or "=" not in item]
+    if unknown or (extra and args.command != "train"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     return int(args.func(args))
 
 

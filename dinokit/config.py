@@ -1,0 +1,675 @@
+"""Typed configuration of `dinokit train`: dataclasses, YAML presets, dotted overrides.
+
+The dataclasses below are the one source of truth: their annotations drive the type checks and
+their defaults are the official DINOv2 values (`ssl_default_config.yaml`) for a ViT-S/14. YAML
+presets (`dinokit/presets/*.yaml`) only set values; command-line overrides are `key=value` items
+with dotted keys. Unknown keys and wrong types fail at once, naming the key.
+
+Example:
+    >>> cfg = load_config("tiny", ["optim.base_lr=0.001", "train.max_steps=6"])
+    >>> cfg.optim.base_lr, cfg.train.max_steps, cfg.total_steps
+    (0.001, 6, 1000)
+
+Sections map onto the code (each module gets its own section or plain arguments):
+`data` -> datasets, `crops` -> multi-crop transform, `model` -> `ViTArgs` (see
+`vit_args_from_config`), `head` / `loss.ibot_head` -> `DINOHead`, `loss` -> losses and masking,
+`optim` + `teacher` -> `build_schedules` (see `schedule_args`), `train` / `checkpoint` -> the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dinokit.models.builders import VIT_SIZES, ViTArgs, vit_args
+from dinokit.train.schedules import scaled_lr
+
+__all__ = [
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "CropsConfig",
+    "DataConfig",
+    "HeadConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TeacherConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "available_presets",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "load_config_file",
+    "load_preset",
+    "save_config",
+    "schedule_args",
+    "validate",
+    "vit_args_from_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the dotted key (e.g. `optim.base_lr`)."""
+
+    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems = list(problems) or [message]
+
+
+# --------------------------------------------------------------------------------------------
+# The schema
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from. `path` is a folder (folder), a text file of image paths
+    (filelist) or the IDX folder (fashion_mnist; empty = the Debian package's location)."""
+
+    path: str = ""
+    dataset: Literal["folder", "filelist", "fashion_mnist"] = "folder"
+    split: str = "train"
+    num_workers: int = 2
+
+
+@dataclass
+class CropsConfig:
+    """Multi-crop: 2 global crops and `local_number` local crops (sizes in pixels)."""
+
+    global_size: int = 224
+    local_size: int = 98
+    local_number: int = 8
+    global_scale: tuple[float, float] = (0.32, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.32)
+
+
+@dataclass
+class ModelConfig:
+    """The ViT backbone: a named size (`VIT_SIZES`) with optional overrides of its dimensions.
+
+    `img_size` sets the positional-embedding grid (img_size / patch_size per side); other input
+    sizes are interpolated. `layerscale` is the LayerScale init (None: no LayerScale).
+    """
+
+    arch: str = "vit_small"
+    patch_size: int = 14
+    img_size: int = 224
+    in_chans: int = 3
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float = 4.0
+    ffn_layer: Literal["mlp", "swiglu", "swiglufused"] = "mlp"
+    num_register_tokens: int = 0
+    layerscale: float | None = 1e-5
+    drop_path_rate: float = 0.0
+    drop_path_uniform: bool = False
+    qkv_bias: bool = True
+    proj_bias: bool = True
+    ffn_bias: bool = True
+    interpolate_antialias: bool = False
+    interpolate_offset: float = 0.1
+
+
+@dataclass
+class HeadConfig:
+    """A DINOHead. `norm_last_layer` freezes weight_g at 1 (DINO v1); DINOv2 trains it."""
+
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    nlayers: int = 3
+    norm_last_layer: bool = False
+
+
+@dataclass
+class LossConfig:
+    """Objective. `dinov2`: DINO + iBOT + KoLeo; `dino` (v1): the DINO loss only, so
+    `ibot_weight` and `koleo_weight` must be 0. `ibot_head` is used only when
+    `separate_ibot_head` (the "untied" heads of the DINOv2 L/g configs); otherwise iBOT shares
+    the DINO head."""
+
+    mode: Literal["dinov2", "dino"] = "dinov2"
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+    centering: Literal["sinkhorn_knopp", "centering"] = "sinkhorn_knopp"
+    separate_ibot_head: bool = False
+    ibot_head: HeadConfig = field(default_factory=HeadConfig)
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    mask_probability: float = 0.5
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its schedules. `batch_size` is global (all ranks); an "epoch" is `epoch_length`
+    iterations (official OFFICIAL_EPOCH_LENGTH), not a pass over the data."""
+
+    batch_size: int = 64
+    epochs: int = 100
+    epoch_length: int = 1250
+    base_lr: float = 0.004
+    scaling_rule: Literal["sqrt_wrt_1024", "linear_wrt_256"] = "sqrt_wrt_1024"
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    layerwise_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
+    freeze_last_layer_epochs: int = 1
+    clip_grad: float = 3.0  # 0 disables clipping
+    adamw_beta1: float = 0.9
+    adamw_beta2: float = 0.999
+
+    @property
+    def lr(self) -> float:
+        """Peak learning rate: `base_lr` scaled with the global batch size by `scaling_rule`."""
+        return scaled_lr(self.base_lr, self.batch_size, self.scaling_rule)
+
+
+@dataclass
+class TeacherConfig:
+    """EMA momentum (cosine to the final value) and teacher temperature (linear warmup)."""
+
+    momentum_teacher: float = 0.992
+    final_momentum_teacher: float = 1.0
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: int = 30
+
+
+@dataclass
+class TrainConfig:
+    """The loop. `max_steps` stops early without changing any schedule (None: run them all)."""
+
+    seed: int = 0
+    max_steps: int | None = None
+    autocast: Literal["none", "bf16", "fp16"] = "none"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    log_every: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    """Save every `every` iterations, keeping the `keep` newest."""
+
+    every: int = 100
+    keep: int = 3
+
+
+@dataclass
+class Config:
+    """The whole configuration of a `dinokit train` run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def total_steps(self) -> int:
+        """Length of the schedules: epochs * epoch_length."""
+        return self.optim.epochs * self.optim.epoch_length
+
+    @property
+    def run_steps(self) -> int:
+        """Steps this run will make: total_steps, or fewer with `train.max_steps`."""
+        if self.train.max_steps is None:
+            return self.total_steps
+        return min(self.train.max_steps, self.total_steps)
+
+
+# --------------------------------------------------------------------------------------------
+# Typed construction from plain data
+# --------------------------------------------------------------------------------------------
+
+# YAML 1.1 (PyYAML) reads `1e-4` (no dot) as a string; such strings are accepted for floats.
+_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is tuple:
+        return f"a list of {len(args)} {_type_name(args[0])}" if len(set(args)) == 1 else str(tp)
+    if _is_section(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _type_error(key: str, tp: Any, value: Any) -> ConfigError:
+    return ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """`value` checked against the annotation `tp` (and normalised: int -> float, list -> tuple)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise _type_error(key, tp, value)
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise _type_error(key, tp, value)
+    if origin is Literal:
+        if isinstance(value, str) and value in args:
+            return value
+        raise _type_error(key, tp, value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise _type_error(key, tp, value)
+        try:
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+        except ConfigError:
+            raise _type_error(key, tp, value) from None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a schema annotation this module does not know
+        raise TypeError(f"{key}: unsupported annotation {tp!r}")
+    raise _type_error(key, tp, value)
+
+
+def _build(cls: type, data: Any, base: Any, prefix: str) -> Any:
+    where = prefix or "top-level"
+    if data is None:  # an empty YAML section
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of keys to values, got {data!r} ({type(data).__name__})")
+    hints = _hints(cls)
+    updates: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        name = str(raw_key)
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in hints:
+            section = f"of {prefix}" if prefix else "(top level)"
+            raise ConfigError(f"unknown key {key!r}; valid keys {section}: {', '.join(hints)}")
+        tp = hints[name]
+        if _is_section(tp):
+            updates[name] = _build(tp, value, getattr(base, name), key)
+        else:
+            updates[name] = _coerce(value, tp, key)
+    return dataclasses.replace(base, **updates)
+
+
+def config_from_dict(d: Mapping[str, Any] | None, base: Config | None = None) -> Config:
+    """A `Config` from nested plain data (e.g. parsed YAML), on top of `base` (default: defaults).
+
+    Missing keys keep the value of `base`. Unknown keys raise `ConfigError` naming the dotted key
+    and the valid keys of its section; values of the wrong type raise naming the key, the
+    expected type and the value (bool is not int, int is accepted for float, a list of 2 numbers
+    for a pair, None only where the annotation allows it).
+    """
+    return _build(Config, d, base if base is not None else Config(), "")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Nested plain data (tuples as lists); `config_from_dict(config_to_dict(cfg)) == cfg`."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block-style mappings, pairs on one line (`global_scale: [0.32, 1.0]`)."""
+
+
+_Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved configuration as YAML (in schema order); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)  # never a half-written file
+    return path
+
+
+def _load_yaml_text(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: invalid YAML: {exc}") from None
+
+
+def load_config_file(path: str | Path, base: Config | None = None) -> Config:
+    """A `Config` from a YAML file (a saved run config or a custom preset); not validated."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    try:
+        return config_from_dict(_load_yaml_text(text, str(path)), base)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Presets and command-line overrides
+# --------------------------------------------------------------------------------------------
+
+
+def available_presets() -> list[str]:
+    """Names of the bundled presets (`dinokit/presets/NAME.yaml`)."""
+    folder = resources.files("dinokit.presets")
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> Config:
+    """The bundled preset `name` on top of the defaults (not validated)."""
+    names = available_presets()
+    if name not in names:
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(names)}")
+    text = (resources.files("dinokit.presets") / f"{name}.yaml").read_text()
+    try:
+        return config_from_dict(_load_yaml_text(text, f"preset {name}"))
+    except ConfigError as exc:
+        raise ConfigError(f"preset {name}: {exc}") from None
+
+
+def _field_type(key: str) -> Any:
+    """The annotation of a dotted leaf key, or ConfigError naming it."""
+    cls: Any = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        hints = _hints(cls) if _is_section(cls) else {}
+        prefix = ".".join(parts[:i])
+        if part not in hints:
+            if not _is_section(cls):
+                raise ConfigError(f"unknown key {key!r}: {prefix!r} is a value, not a section")
+            section = f"of {prefix}" if prefix else "(top level)"
+            raise ConfigError(f"unknown key {key!r}; valid keys {section}: {', '.join(hints)}")
+        cls = hints[part]
+    return cls
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """`cfg` with dotted `key=value` items applied in order (a new Config; `cfg` is unchanged).
+
+    Values are parsed as YAML (`0.001`, `true`, `null`, `[0.4, 1.0]`, `{out_dim: 4096}`); for
+    string fields the text is taken verbatim when YAML would read something else (`data.path=2024`).
+    """
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"malformed override {item!r}: expected key=value, e.g. optim.base_lr=0.001")
+        tp = _field_type(key)
+        value = _load_yaml_text(text, f"override {item!r}")
+        if tp is str and not isinstance(value, (str, list, dict)):
+            value = text.strip()
+        nested: Any = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        cfg = config_from_dict(nested, base=cfg)
+    return cfg
+
+
+def load_config(preset: str | Path, overrides: Sequence[str] = (), world_size: int = 1) -> Config:
+    """Preset (a bundled name or a YAML file path) + overrides, validated."""
+    text = str(preset)
+    if isinstance(preset, Path) or text.endswith((".yaml", ".yml")) or "/" in text:
+        cfg = load_config_file(preset)
+    else:
+        cfg = load_preset(str(preset))
+    cfg = apply_overrides(cfg, overrides)
+    validate(cfg, world_size=world_size)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Semantic checks
+# --------------------------------------------------------------------------------------------
+
+
+def _check_types(obj: Any, prefix: str, problems: list[str]) -> None:
+    # Catches bad values in a Config built or mutated in code rather than parsed.
+    for name, tp in _hints(type(obj)).items():
+        key = f"{prefix}.{name}" if prefix else name
+        value = getattr(obj, name)
+        if _is_section(tp):
+            if isinstance(value, tp):
+                _check_types(value, key, problems)
+            else:
+                problems.append(f"{key}: expected a {tp.__name__}, got {value!r}")
+            continue
+        try:
+            _coerce(value, tp, key)
+        except ConfigError as exc:
+            problems.append(str(exc))
+
+
+def _head_problems(h: HeadConfig, prefix: str) -> list[str]:
+    return [
+        f"{prefix}.{name} must be >= 1, got {getattr(h, name)}"
+        for name in ("out_dim", "hidden_dim", "bottleneck_dim", "nlayers")
+        if getattr(h, name) < 1
+    ]
+
+
+def _pair_problems(key: str, pair: tuple[float, float], low_open: bool) -> list[str]:
+    lo, hi = pair
+    ok_lo = (lo > 0) if low_open else (lo >= 0)
+    if not (ok_lo and lo <= hi <= 1):
+        bound = "0 < low" if low_open else "0 <= low"
+        return [f"{key} must satisfy {bound} <= high <= 1, got {list(pair)}"]
+    return []
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Semantic checks before any work starts; raises one ConfigError listing every problem.
+
+    `world_size` (the number of ranks) is checked against the global batch size: KoLeo needs a
+    neighbour in each rank's batch.
+    """
+    problems: list[str] = []
+    _check_types(cfg, "", problems)
+    if problems:  # the checks below assume well-typed values
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems), problems)
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    d, c, m, lo, o, t, tr, ck = (
+        cfg.data, cfg.crops, cfg.model, cfg.loss, cfg.optim, cfg.teacher, cfg.train, cfg.checkpoint
+    )
+    need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    need(bool(d.split), "data.split must not be empty")
+
+    need(m.arch in VIT_SIZES, f"model.arch: unknown ViT size {m.arch!r}; known: {', '.join(VIT_SIZES)}")
+    need(m.patch_size >= 1, f"model.patch_size must be >= 1, got {m.patch_size}")
+    p = max(m.patch_size, 1)
+    for name in ("img_size", "in_chans", "embed_dim", "depth", "num_heads"):
+        value = getattr(m, name)
+        need(value is None or value >= 1, f"model.{name} must be >= 1, got {value}")
+    need(m.img_size % p == 0, f"model.img_size ({m.img_size}) must be a multiple of model.patch_size ({p})")
+    dim, _, heads = VIT_SIZES.get(m.arch, (m.embed_dim or 1, 0, m.num_heads or 1))
+    dim, heads = m.embed_dim or dim, m.num_heads or heads
+    need(heads < 1 or dim % heads == 0, f"model.embed_dim ({dim}) must be divisible by model.num_heads ({heads})")
+    need(m.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {m.mlp_ratio}")
+    need(m.num_register_tokens >= 0, f"model.num_register_tokens must be >= 0, got {m.num_register_tokens}")
+    need(m.layerscale is None or m.layerscale >= 0, f"model.layerscale must be >= 0 or null, got {m.layerscale}")
+    need(0 <= m.drop_path_rate < 1, f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
+    need(m.interpolate_offset >= 0, f"model.interpolate_offset must be >= 0, got {m.interpolate_offset}")
+
+    for name in ("global_size", "local_size"):
+        size = getattr(c, name)
+        need(size >= 1, f"crops.{name} must be >= 1, got {size}")
+        need(size % p == 0, f"crops.{name} ({size}) must be a multiple of model.patch_size ({p})")
+    need(c.local_number >= 0, f"crops.local_number must be >= 0, got {c.local_number}")
+    problems += _pair_problems("crops.global_scale", c.global_scale, low_open=True)
+    problems += _pair_problems("crops.local_scale", c.local_scale, low_open=True)
+
+    problems += _head_problems(cfg.head, "head")
+    problems += _head_problems(lo.ibot_head, "loss.ibot_head")
+    for name in ("dino_weight", "ibot_weight", "koleo_weight"):
+        need(getattr(lo, name) >= 0, f"loss.{name} must be >= 0, got {getattr(lo, name)}")
+    if lo.mode == "dino":
+        for name in ("ibot_weight", "koleo_weight"):
+            need(getattr(lo, name) == 0, f"loss.{name} must be 0 with loss.mode 'dino' (DINO v1 has no iBOT / KoLeo)")
+    problems += _pair_problems("loss.mask_ratio", lo.mask_ratio, low_open=False)
+    need(0 <= lo.mask_probability <= 1, f"loss.mask_probability must be in [0, 1], got {lo.mask_probability}")
+    need(lo.student_temp > 0, f"loss.student_temp must be > 0, got {lo.student_temp}")
+    need(0 <= lo.center_momentum <= 1, f"loss.center_momentum must be in [0, 1], got {lo.center_momentum}")
+
+    need(o.batch_size >= 1, f"optim.batch_size must be >= 1, got {o.batch_size}")
+    need(world_size >= 1 and o.batch_size % max(world_size, 1) == 0,
+         f"optim.batch_size ({o.batch_size}) must be divisible by the number of ranks ({world_size})")
+    if lo.koleo_weight > 0:
+        per_rank = o.batch_size // max(world_size, 1)
+        need(per_rank >= 2, f"optim.batch_size: KoLeo (loss.koleo_weight > 0) needs >= 2 images per rank, "
+             f"got {per_rank} (global batch {o.batch_size}, {world_size} rank(s))")
+    need(o.epochs >= 1, f"optim.epochs must be >= 1, got {o.epochs}")
+    need(o.epoch_length >= 1, f"optim.epoch_length must be >= 1, got {o.epoch_length}")
+    need(o.base_lr > 0, f"optim.base_lr must be > 0, got {o.base_lr}")
+    if o.base_lr > 0 and o.batch_size >= 1:
+        need(0 <= o.min_lr <= o.lr, f"optim.min_lr must be in [0, peak lr {o.lr:.3g}], got {o.min_lr}")
+    need(0 <= o.warmup_epochs <= o.epochs, f"optim.warmup_epochs must be in [0, optim.epochs], got {o.warmup_epochs}")
+    need(0 <= o.freeze_last_layer_epochs <= o.epochs,
+         f"optim.freeze_last_layer_epochs must be in [0, optim.epochs], got {o.freeze_last_layer_epochs}")
+    for name in ("weight_decay", "weight_decay_end", "patch_embed_lr_mult", "clip_grad"):
+        need(getattr(o, name) >= 0, f"optim.{name} must be >= 0, got {getattr(o, name)}")
+    need(0 < o.layerwise_decay <= 1, f"optim.layerwise_decay must be in (0, 1], got {o.layerwise_decay}")
+    for name in ("adamw_beta1", "adamw_beta2"):
+        need(0 <= getattr(o, name) < 1, f"optim.{name} must be in [0, 1), got {getattr(o, name)}")
+
+    for name in ("momentum_teacher", "final_momentum_teacher"):
+        need(0 <= getattr(t, name) <= 1, f"teacher.{name} must be in [0, 1], got {getattr(t, name)}")
+    for name in ("warmup_teacher_temp", "teacher_temp"):
+        need(getattr(t, name) > 0, f"teacher.{name} must be > 0, got {getattr(t, name)}")
+    need(t.warmup_teacher_temp_epochs >= 0,
+         f"teacher.warmup_teacher_temp_epochs must be >= 0, got {t.warmup_teacher_temp_epochs}")
+
+    need(tr.max_steps is None or tr.max_steps >= 1, f"train.max_steps must be >= 1 or null, got {tr.max_steps}")
+    need(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", tr.device) is not None,
+         f"train.device must be auto, cpu, mps, cuda or cuda:N, got {tr.device!r}")
+    need(tr.log_every >= 1, f"train.log_every must be >= 1, got {tr.log_every}")
+    need(ck.every >= 1, f"checkpoint.every must be >= 1, got {ck.every}")
+    need(ck.keep >= 1, f"checkpoint.keep must be >= 1, got {ck.keep}")
+
+    bad = [key for key, v in _walk_floats(cfg, "") if not math.isfinite(v)]
+    need(not bad, f"{', '.join(bad)}: NaN or infinite values are not allowed")
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems), problems)
+
+
+def _walk_floats(obj: Any, prefix: str) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    for f in dataclasses.fields(obj):
+        key, value = f"{prefix}.{f.name}" if prefix else f.name, getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out += _walk_floats(value, key)
+        elif isinstance(value, (tuple, list)):
+            out += [(key, v) for v in value if isinstance(v, float)]
+        elif isinstance(value, float):
+            out.append((key, value))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Mapping onto the code
+# --------------------------------------------------------------------------------------------
+
+
+def vit_args_from_config(model: ModelConfig, **overrides: Any) -> ViTArgs:
+    """`ViTArgs` of the backbone: the named size, its dimension overrides and the other fields
+    (`layerscale` -> `init_values`). `overrides` go straight to ViTArgs, e.g.
+    `use_mask_token=False` for a DINO v1 backbone (no iBOT, so an unused mask token)."""
+    sizes = {k: getattr(model, k) for k in ("embed_dim", "depth", "num_heads") if getattr(model, k) is not None}
+    kwargs: dict[str, Any] = dict(
+        img_size=model.img_size,
+        patch_size=model.patch_size,
+        in_chans=model.in_chans,
+        mlp_ratio=model.mlp_ratio,
+        qkv_bias=model.qkv_bias,
+        proj_bias=model.proj_bias,
+        ffn_bias=model.ffn_bias,
+        drop_path_rate=model.drop_path_rate,
+        drop_path_uniform=model.drop_path_uniform,
+        init_values=model.layerscale,
+        ffn_layer=model.ffn_layer,
+        num_register_tokens=model.num_register_tokens,
+        interpolate_antialias=model.interpolate_antialias,
+        interpolate_offset=model.interpolate_offset,
+    )
+    kwargs.update(sizes)
+    kwargs.update(overrides)
+    return vit_args(model.arch, **kwargs)
+
+
+def schedule_args(cfg: Config) -> dict[str, Any]:
+    """Keyword arguments of `dinokit.train.schedules.build_schedules` (lr already scaled)."""
+    o, t = cfg.optim, cfg.teacher
+    return dict(
+        epochs=o.epochs,
+        epoch_length=o.epoch_length,
+        lr=o.lr,
+        min_lr=o.min_lr,
+        warmup_epochs=o.warmup_epochs,
+        weight_decay=o.weight_decay,
+        weight_decay_end=o.weight_decay_end,
+        momentum_teacher=t.momentum_teacher,
+        final_momentum_teacher=t.final_momentum_teacher,
+        teacher_temp=t.teacher_temp,
+        warmup_teacher_temp=t.warmup_teacher_temp,
+        warmup_teacher_temp_epochs=t.warmup_teacher_temp_epochs,
+        freeze_last_layer_epochs=o.freeze_last_layer_epochs,
+    )

@@ -1,0 +1,227 @@
+"""The DINOv2 training DataLoader: resumable order, per-sample seeding, masks, skip counting.
+
+Determinism: batch k of a run is a pure function of (seed, rank, world_size, k), whatever
+num_workers is and whether the run was resumed. Nothing depends on worker RNG state:
+
+- the batch sampler yields `(index, position)` pairs, position = the sample's place in the global
+  stream (this rank's running count * world_size + rank, so ranks never share a position);
+- each sample's augmentations draw from `torch.Generator().manual_seed(derive_seed(seed, AUG, position))`;
+- each batch's masks draw from `random.Random(derive_seed(seed, MASK, position of its first sample))`
+  inside the collate (which runs in the worker).
+
+Skipped images: a file that cannot be decoded gives None from the dataset (with a warning naming
+it); the collate drops it and reports `batch["n_skipped"]`. Counting in the batch survives worker
+processes, unlike a counter on the dataset, which would live in each worker's copy. When every
+sample of a batch failed, the batch has `n_images == 0`, `n_skipped == batch_size` and no crop keys:
+the training loop should skip it (check `batch["n_images"] == 0` first).
+
+Example:
+    >>> mask_gen = MaskingGenerator(input_size=28 // 4, max_num_patches=0.5 * 7 * 7)
+    >>> loader = make_train_loader(FashionMNIST(), MultiCropAugmentation(28, 12), batch_size=64,
+    ...                            num_workers=2, seed=0, start_index=consumed, mask_generator=mask_gen)
+    >>> for step, batch in zip(range(first_step, total_steps), loader):
+    ...     if batch["n_images"] == 0: continue
+    ...     consumed += 64   # store this in the checkpoint; resume with start_index=consumed
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dinokit.data.collate import collate_data_and_cast
+from dinokit.data.datasets import MultiCropDataset
+from dinokit.data.masking import MaskingGenerator
+from dinokit.data.sampler import ResumableRandomSampler
+
+__all__ = ["MultiCropCollate", "PositionBatchSampler", "derive_seed", "make_train_loader"]
+
+_MASK64 = (1 << 64) - 1
+# Stream tags, so the augmentation and mask seeds of one position are unrelated.
+AUG_STREAM = 1
+MASK_STREAM = 2
+
+
+def _splitmix64(x: int) -> int:
+    """SplitMix64 finaliser: a fast bijective 64-bit mixer (adjacent inputs -> unrelated outputs)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across processes and Python versions (unlike hash()).
+
+    >>> derive_seed(0, 1, 5) != derive_seed(0, 1, 6)
+    True
+    """
+    h = 0
+    for p in parts:
+        h = _splitmix64(h ^ (int(p) & _MASK64))
+    return h >> 1  # torch.manual_seed takes up to 2**64 - 1; 63 bits also fit a signed int64
+
+
+class PositionBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Infinite batches of `(dataset index, global position)` from a `ResumableRandomSampler`.
+
+    Global position = local count * world_size + rank, unique across ranks.
+    """
+
+    def __init__(self, sampler: ResumableRandomSampler, batch_size: int) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.sampler = sampler
+        self.batch_size = int(batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        ws, rank = self.sampler.world_size, self.sampler.rank
+        stream = self.sampler.iter_with_positions()
+        while True:
+            yield [(index, p * ws + rank) for index, p in (next(stream) for _ in range(self.batch_size))]
+
+
+class _SeededSamples(Dataset):
+    """`[(index, position)] -> (position, sample or None)`, the sample seeded from its position."""
+
+    def __init__(self, multicrop: MultiCropDataset, seed: int) -> None:
+        self.multicrop = multicrop
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.multicrop)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, Any]:
+        index, position = key
+        g = torch.Generator().manual_seed(derive_seed(self.seed, AUG_STREAM, position))
+        return position, self.multicrop.get(index, generator=g)
+
+
+class MultiCropCollate:
+    """Collate `(position, sample or None)` items: drop failures, draw masks, add bookkeeping.
+
+    Returns the `collate_data_and_cast` dict plus
+        - n_images: int, samples kept; n_skipped: int, samples dropped (undecodable);
+        - labels: int64 (n_images,); positions: int64 (B,) global positions of the whole batch.
+    With n_images == 0 only n_images, n_skipped, labels and positions are present.
+    """
+
+    def __init__(
+        self,
+        seed: int,
+        mask_generator: Callable[..., Any],
+        mask_ratio_tuple: tuple[float, float] = (0.1, 0.5),
+        mask_probability: float = 0.5,
+        dtype: torch.dtype = torch.float32,
+        n_tokens: int | None = None,
+    ) -> None:
+        self.seed = int(seed)
+        self.mask_generator = mask_generator
+        self.mask_ratio_tuple = tuple(mask_ratio_tuple)
+        self.mask_probability = mask_probability
+        self.dtype = dtype
+        self.n_tokens = n_tokens
+
+    def __call__(self, items: Sequence[tuple[int, Any]]) -> dict[str, Any]:
+        positions = [p for p, _ in items]
+        samples = [s for _, s in items if s is not None]
+        out: dict[str, Any] = {}
+        if samples:
+            rng = random.Random(derive_seed(self.seed, MASK_STREAM, positions[0]))
+            out = collate_data_and_cast(
+                samples,
+                mask_ratio_tuple=self.mask_ratio_tuple,
+                mask_probability=self.mask_probability,
+                dtype=self.dtype,
+                n_tokens=self.n_tokens,
+                mask_generator=self.mask_generator,
+                random_state=rng,
+            )
+        out["n_images"] = len(samples)
+        out["n_skipped"] = len(items) - len(samples)
+        out["labels"] = torch.tensor([int(s[1]) for s in samples], dtype=torch.long)
+        out["positions"] = torch.tensor(positions, dtype=torch.long)
+        return out
+
+    # MaskingGenerator keeps the `random` module as its default stream, and modules cannot be
+    # pickled (spawn / forkserver workers pickle the collate). We always pass our own stream, so
+    # the module reference is dropped for the trip and restored after.
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if getattr(self.mask_generator, "rng", None) is random:
+            state["mask_generator"] = copy.copy(self.mask_generator)
+            state["mask_generator"].rng = None
+            state["_restore_random_module"] = True
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if state.pop("_restore_random_module", False):
+            state["mask_generator"].rng = random
+        self.__dict__.update(state)
+
+
+def make_train_loader(
+    dataset: Dataset,
+    transform: Callable[..., dict[str, Any]] | None,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    start_index: int = 0,
+    mask_generator: MaskingGenerator | Callable[..., Any] | None = None,
+    mask_ratio_tuple: tuple[float, float] = (0.1, 0.5),
+    mask_probability: float = 0.5,
+    dtype: torch.dtype = torch.float32,
+    rank: int = 0,
+    world_size: int = 1,
+    *,
+    shuffle: bool = True,
+    n_tokens: int | None = None,
+    pin_memory: bool = False,
+    prefetch_factor: int | None = None,
+) -> DataLoader:
+    """An infinite DataLoader of collated multi-crop batches for one rank.
+
+    Args:
+        dataset: base dataset `(PIL image, label)` / None, or a `MultiCropDataset` when `transform`
+            is None.
+        transform: multi-crop transform, e.g. `MultiCropAugmentation`.
+        batch_size: images per batch on this rank (before dropping undecodable ones).
+        num_workers: DataLoader worker processes (0: load in the main process).
+        seed: run seed; fixes the order, the crops and the masks.
+        start_index: samples this rank already consumed (steps done * batch_size) when resuming.
+        mask_generator: `MaskingGenerator` for the global crops' patch grid (required).
+        mask_ratio_tuple, mask_probability, dtype, n_tokens: passed to `collate_data_and_cast`.
+        rank, world_size: data sharding.
+        shuffle: False -> sequential order (still sharded); mainly for debugging.
+        pin_memory, prefetch_factor: passed to DataLoader.
+
+    Returns:
+        DataLoader yielding dicts (see `MultiCropCollate`): collated_global_crops
+        (2B, 3, G, G), collated_local_crops (L*B, 3, l, l), collated_masks (2B, N), ...,
+        n_images, n_skipped, labels (B,), positions (B,). It never ends; its sampler is
+        `loader.batch_sampler.sampler`.
+    """
+    if mask_generator is None:
+        raise ValueError("make_train_loader needs a mask_generator, e.g. MaskingGenerator(input_size=crop // patch)")
+    if transform is None:
+        if not isinstance(dataset, MultiCropDataset):
+            raise ValueError("transform is None but dataset is not a MultiCropDataset")
+        multicrop = dataset
+    else:
+        multicrop = MultiCropDataset(dataset, transform)
+    sampler = ResumableRandomSampler(
+        len(multicrop), seed=seed, shuffle=shuffle, rank=rank, world_size=world_size, start_index=start_index
+    )
+    collate = MultiCropCollate(seed, mask_generator, mask_ratio_tuple, mask_probability, dtype, n_tokens)
+    return DataLoader(
+        _SeededSamples(multicrop, seed),
+        batch_sampler=PositionBatchSampler(sampler, batch_size),
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+    )

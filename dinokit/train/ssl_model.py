@@ -1,0 +1,240 @@
+"""Student and teacher of DINO / DINOv2 self-distillation, and the loss of one batch.
+
+The training step reads top to bottom as three pieces:
+1. `teacher_targets`: the EMA teacher sees the two global crops (unmasked) and produces
+   targets: centered-and-sharpened (DINO) or Sinkhorn-Knopp-balanced (DINOv2) probabilities over
+   the prototypes, for the [CLS] token and for the masked patches (iBOT).
+2. `student_outputs`: the student sees the global crops with block masks and the local crops.
+3. `losses`: DINO cross-entropy between every teacher global view and every other student view,
+   iBOT cross-entropy on masked patches, and the KoLeo spread regulariser.
+
+References: Caron et al., "Emerging Properties in Self-Supervised Vision Transformers" (DINO,
+2021); Zhou et al., "iBOT" (2022); Oquab et al., "DINOv2" (2023).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from dinokit.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from dinokit.models.dino_head import DINOHead
+from dinokit.models.vision_transformer import VisionTransformer
+
+
+@dataclass(frozen=True)
+class HeadArgs:
+    """Projection head sizes (SPEC §2)."""
+
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    nlayers: int = 3
+    norm_last_layer: bool = False  # DINOv2 trains weight_g; DINO v1 freezes it at 1
+
+    def build(self, in_dim: int) -> DINOHead:
+        return DINOHead(in_dim, self.out_dim, nlayers=self.nlayers, hidden_dim=self.hidden_dim,
+                        bottleneck_dim=self.bottleneck_dim, norm_last_layer=self.norm_last_layer)
+
+
+@dataclass(frozen=True)
+class LossArgs:
+    """Which losses, with which weights and target rule.
+
+    Args:
+        dino_weight, ibot_weight, koleo_weight: loss weights (1, 1, 0.1 in DINOv2).
+        use_ibot: masked-patch loss (and block masks on the student's global crops).
+        use_koleo: KoLeo on the student's global [CLS] tokens.
+        centering: "sinkhorn_knopp" (DINOv2) or "centering" (DINO v1 EMA center).
+        student_temp, center_momentum: 0.1 and 0.9.
+    """
+
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+    use_ibot: bool = True
+    use_koleo: bool = True
+    centering: str = "sinkhorn_knopp"
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+
+
+class SSLModel(nn.Module):
+    """Student (backbone + DINO head [+ iBOT head]) and its EMA teacher.
+
+    Args:
+        backbone: the student backbone; the teacher is a copy without stochastic depth.
+        dino_head: head args of the [CLS] head.
+        ibot_head: head args of a separate ("untied") iBOT head, or None to share the DINO head.
+        loss: loss configuration.
+
+    Batch (from `collate_data_and_cast`): `collated_global_crops` (2B, C, H, W) crop-major,
+    `collated_local_crops` (n_local * B, C, h, w), `collated_masks` (2B, N) bool,
+    `mask_indices_list` (M,), `masks_weight` (M,), `n_masked_patches` (1,).
+    """
+
+    def __init__(
+        self,
+        backbone: VisionTransformer,
+        dino_head: HeadArgs,
+        ibot_head: HeadArgs | None,
+        loss: LossArgs,
+    ) -> None:
+        super().__init__()
+        if loss.centering not in ("sinkhorn_knopp", "centering"):
+            raise ValueError(f"loss.centering must be 'sinkhorn_knopp' or 'centering', not {loss.centering!r}")
+        self.loss_args = loss
+        dim = backbone.embed_dim
+        student = {"backbone": backbone, "dino_head": dino_head.build(dim)}
+        if loss.use_ibot and ibot_head is not None:
+            student["ibot_head"] = ibot_head.build(dim)
+        self.student = nn.ModuleDict(student)
+        self.teacher = copy.deepcopy(self.student)
+        for block in self.teacher["backbone"].blocks:
+            block.sample_drop_ratio = 0.0  # the teacher never drops paths
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+
+        self.dino_loss = DINOLoss(dino_head.out_dim, loss.student_temp, loss.center_momentum)
+        ibot_dim = (ibot_head or dino_head).out_dim
+        self.ibot_loss = iBOTPatchLoss(ibot_dim, loss.student_temp, loss.center_momentum)
+        self.koleo_loss = KoLeoLoss()
+
+    def train(self, mode: bool = True) -> SSLModel:
+        super().train(mode)
+        self.teacher.eval()  # only the student trains; the teacher is updated by EMA
+        return self
+
+    def _ibot_head(self, net: nn.ModuleDict) -> nn.Module:
+        return net["ibot_head"] if "ibot_head" in net else net["dino_head"]
+
+    # ------------------------------------------------------------------ 1. teacher
+
+    @torch.no_grad()
+    def teacher_targets(self, batch: dict[str, Tensor], teacher_temp: float) -> dict[str, Tensor]:
+        """Teacher probabilities: `dino` (2, B, K) with views swapped, `ibot` (M, K)."""
+        crops = batch["collated_global_crops"]
+        n_views = 2
+        out = self.teacher["backbone"].forward_features(crops)
+        cls = out["x_norm_clstoken"]
+        # Swap the two views so that student view i is compared with teacher view 1 - i.
+        cls = torch.cat(cls.chunk(n_views)[::-1])
+        cls_logits = self.teacher["dino_head"](cls)
+        targets: dict[str, Tensor] = {"cls_logits": cls_logits}
+        if self.loss_args.centering == "centering":
+            probs = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
+            self.dino_loss.update_center(cls_logits)
+        else:
+            probs = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp)
+        targets["dino"] = probs.view(n_views, -1, probs.shape[-1])
+
+        if self.loss_args.use_ibot:
+            patches = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]]
+            patch_logits = self._ibot_head(self.teacher)(patches)
+            if self.loss_args.centering == "centering":
+                ibot = self.ibot_loss.softmax_center_teacher(patch_logits.unsqueeze(0), teacher_temp).squeeze(0)
+                self.ibot_loss.update_center(patch_logits.unsqueeze(0))
+            else:
+                ibot = self.ibot_loss.sinkhorn_knopp_teacher(patch_logits, teacher_temp, batch["n_masked_patches"])
+            targets["ibot"] = ibot
+        return targets
+
+    # ------------------------------------------------------------------ 2. student
+
+    def student_outputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Student head logits of all crops, backbone [CLS] of the global crops, masked patches."""
+        backbone = self.student["backbone"]
+        masks = batch["collated_masks"] if self.loss_args.use_ibot else None
+        glob = backbone.forward_features(batch["collated_global_crops"], masks)
+        outputs = {
+            "global_cls": glob["x_norm_clstoken"],
+            "global_logits": self.student["dino_head"](glob["x_norm_clstoken"]),
+        }
+        local_crops = batch["collated_local_crops"]
+        if local_crops.numel():
+            local = backbone.forward_features(local_crops)
+            outputs["local_logits"] = self.student["dino_head"](local["x_norm_clstoken"])
+        if self.loss_args.use_ibot:
+            patches = glob["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]]
+            outputs["masked_patch_logits"] = self._ibot_head(self.student)(patches)
+        return outputs
+
+    # ------------------------------------------------------------------ 3. losses
+
+    def losses(self, batch: dict[str, Tensor], student: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Weighted loss terms and their sum `total`.
+
+        DINO: every teacher global view against every student view except itself, the sum
+        divided by the number of such pairs (2 + 2 * n_local), as in both papers.
+        """
+        args = self.loss_args
+        dino_targets = targets["dino"]  # (2, B, K)
+        n_views, B = dino_targets.shape[:2]
+        n_local = student["local_logits"].shape[0] // B if "local_logits" in student else 0
+        n_pairs = (n_views - 1) * n_views + n_views * n_local
+        terms: dict[str, Tensor] = {}
+        if n_local:
+            local = self.dino_loss(student["local_logits"].chunk(n_local), dino_targets)
+            terms["dino_local"] = args.dino_weight * local / n_pairs
+        # Global crops run as one (2B) batch: the mean over 2B rows times 2 is the sum of 2 pairs.
+        glob = self.dino_loss([student["global_logits"]], [dino_targets.flatten(0, 1)])
+        terms["dino_global"] = args.dino_weight * glob * n_views / n_pairs
+        if args.use_koleo and args.koleo_weight:
+            terms["koleo"] = args.koleo_weight * sum(  # type: ignore[assignment]
+                self.koleo_loss(view) for view in student["global_cls"].chunk(n_views)
+            )
+        if args.use_ibot:
+            ibot = self.ibot_loss.forward_masked(
+                student["masked_patch_logits"], targets["ibot"], batch["collated_masks"],
+                masks_weight=batch["masks_weight"],
+            )
+            # Official scaling: x2 for the two views processed together, x1/2 per view.
+            terms["ibot"] = args.ibot_weight * ibot
+        terms["total"] = sum(terms.values())  # type: ignore[assignment]
+        return terms
+
+    def forward(self, batch: dict[str, Tensor], teacher_temp: float) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Loss terms and the teacher targets (kept for health signals)."""
+        targets = self.teacher_targets(batch, teacher_temp)
+        student = self.student_outputs(batch)
+        return self.losses(batch, student, targets), {**targets, "global_cls": student["global_cls"].detach()}
+
+    # ------------------------------------------------------------------ EMA
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student, with foreach kernels."""
+        t = [p for p in self.teacher.parameters()]
+        s = [p.detach() for p in self.student.parameters()]
+        torch._foreach_mul_(t, momentum)
+        torch._foreach_add_(t, s, alpha=1.0 - momentum)
+
+    @torch.no_grad()
+    def settle_pending_center_updates(self) -> None:
+        """Fold deferred center updates into the buffers, so a checkpoint holds the full state."""
+        self.dino_loss.apply_center_update()
+        self.ibot_loss.apply_center_update()
+
+
+@torch.no_grad()
+def health_signals(targets: dict[str, Tensor]) -> dict[str, float]:
+    """Label-free collapse signals of one batch.
+
+    - `teacher_entropy`: mean entropy of the teacher's [CLS] targets / log K (1 = uniform, a
+      collapse to uniform outputs; 0 = one-hot).
+    - `prototypes_used`: distinct argmax prototypes among the batch's teacher targets (1 = all
+      images assigned to the same prototype: collapse).
+    - `feature_std`: std over the batch of the L2-normalised student [CLS], averaged over dims
+      and multiplied by sqrt(D) (about 1 for well spread features, 0 when all are equal).
+    """
+    probs = targets["dino"].flatten(0, 1).float()
+    k = probs.shape[-1]
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean() / math.log(k)
+    used = probs.argmax(-1).unique().numel()
+    feats = torch.nn.functional.normalize(targets["global_cls"].float(), dim=-1)
+    std = feats.std(0).mean() * math.sqrt(feats.shape[-1]) if feats.shape[0] > 1 else torch.tensor(0.0)
+    return {"teacher_entropy": float(entropy), "prototypes_used": float(used), "feature_std": float(std)}
