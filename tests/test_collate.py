@@ -123,3 +123,19 @@ def test_stats_statistical_fallback(reference_dir: Path) -> None:
     RUNNERS["collate"](ctx)
     stat = [c for c in ctx.comparisons if c.name == "stats.mask_counts_per_image"]
     assert stat and stat[0].ok, stat
+
+
+def test_collate_without_local_crops() -> None:
+    import random as _random
+
+    import torch
+
+    from dinokit.data.collate import collate_data_and_cast
+    from dinokit.data.masking import MaskingGenerator
+
+    samples = [({"global_crops": [torch.zeros(3, 8, 8)] * 2, "local_crops": []}, 0) for _ in range(2)]
+    out = collate_data_and_cast(samples, (0.1, 0.5), 0.5, torch.float32, n_tokens=4,
+                                mask_generator=MaskingGenerator((2, 2), max_num_patches=2),
+                                random_state=_random.Random(0))
+    assert out["collated_global_crops"].shape == (4, 3, 8, 8)
+    assert out["collated_local_crops"].numel() == 0

@@ -112,3 +112,16 @@ def test_official_max_num_patches_matches_manifest(reference_dir: Path) -> None:
         for key, value in case.get("max_num_patches_quirk", {}).get("values", {}).items():
             img, patch = (int(x) for x in key.split("/"))
             assert official_max_num_patches(img, patch) == value
+
+
+def test_generator_pickles_for_spawned_workers() -> None:
+    import pickle
+    import random as _random
+
+    from dinokit.data.masking import MaskingGenerator
+
+    gen = pickle.loads(pickle.dumps(MaskingGenerator((8, 8), max_num_patches=32)))
+    _random.seed(5)
+    a = gen(20)
+    _random.seed(5)
+    assert (a == MaskingGenerator((8, 8), max_num_patches=32)(20)).all()

@@ -150,9 +150,7 @@ def test_all_failed_batch_is_empty_with_count() -> None:
 def test_collate_pickles_for_spawned_workers() -> None:
     collate = MultiCropCollate(0, MaskingGenerator(7, max_num_patches=20))
     clone = pickle.loads(pickle.dumps(collate))
-    import random
-
-    assert clone.mask_generator.rng is random and collate.mask_generator.rng is random
+    assert clone.mask_generator.get_shape() == (7, 7)
 
 
 def test_derive_seed_is_stable() -> None:

@@ -33,6 +33,8 @@ def _stack_crop_major(samples_list: Sequence[Sample], key: str) -> torch.Tensor:
         (n_crops * n_images, C, H, W).
     """
     n_crops = len(samples_list[0][0][key])
+    if n_crops == 0:  # e.g. no local crops: an empty batch the model skips
+        return torch.empty(0)
     return torch.stack([s[0][key][i] for i in range(n_crops) for s in samples_list])
 
 

@@ -26,7 +26,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import random
 from typing import Any, Callable, Iterator, Sequence
 
@@ -146,22 +145,6 @@ class MultiCropCollate:
         out["labels"] = torch.tensor([int(s[1]) for s in samples], dtype=torch.long)
         out["positions"] = torch.tensor(positions, dtype=torch.long)
         return out
-
-    # MaskingGenerator keeps the `random` module as its default stream, and modules cannot be
-    # pickled (spawn / forkserver workers pickle the collate). We always pass our own stream, so
-    # the module reference is dropped for the trip and restored after.
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        if getattr(self.mask_generator, "rng", None) is random:
-            state["mask_generator"] = copy.copy(self.mask_generator)
-            state["mask_generator"].rng = None
-            state["_restore_random_module"] = True
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        if state.pop("_restore_random_module", False):
-            state["mask_generator"].rng = random
-        self.__dict__.update(state)
 
 
 def make_train_loader(

@@ -102,7 +102,9 @@ class MaskingGenerator:
         self.max_num_patches = max_num_patches
         max_aspect = max_aspect or 1 / min_aspect
         self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
-        self.rng: RandomSource = rng if rng is not None else random
+        # None means the global `random` module, looked up at call time so the generator pickles
+        # (worker processes started with spawn / forkserver receive a copy).
+        self.rng: RandomSource | None = rng
 
     def get_shape(self) -> tuple[int, int]:
         """Grid shape `(H, W)`."""
@@ -155,7 +157,7 @@ class MaskingGenerator:
         Returns:
             np.ndarray bool of shape (H, W).
         """
-        rng = self.rng if rng is None else rng
+        rng = rng if rng is not None else (self.rng if self.rng is not None else random)
         mask = np.zeros(self.get_shape(), dtype=bool)
         count = 0
         while count < num_masking_patches:
