@@ -207,4 +207,6 @@ def make_train_loader(
         collate_fn=collate,
         pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        # The loader's own base-seed draw must not consume the training process's global RNG.
+        generator=torch.Generator().manual_seed(seed),
     )

@@ -40,7 +40,7 @@ from dinokit.data.transforms import MultiCropAugmentation
 from dinokit.train.metrics import MetricsLog
 from dinokit.train.optim import apply_schedule, build_optimizer
 from dinokit.train.schedules import build_schedules
-from dinokit.train.ssl_model import HeadArgs, LossArgs, SSLModel, health_signals
+from dinokit.train.ssl_model import HeadArgs, LossArgs, SSLModel, collapse_reasons, health_signals
 
 log = logging.getLogger("dinokit.train")
 
@@ -167,6 +167,39 @@ def _progress(total: int, initial: int) -> Any:
     return None
 
 
+def train_step(
+    model: SSLModel,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, Any],
+    sched: dict[str, float],
+    cfg: Config,
+    device: torch.device,
+    step_number: int = 0,
+    run_dir: Path | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """One optimisation step: schedules -> forward -> finite check -> backward -> clip -> AdamW -> EMA."""
+    apply_schedule(optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"])
+    with _autocast(cfg, device):
+        terms, targets = model(batch, sched["teacher_temp"])
+    for name, value in terms.items():
+        if not torch.isfinite(value):
+            last = latest_checkpoint(run_dir) if run_dir is not None else None
+            raise NonFiniteLossError(
+                f"loss term '{name}' is {value.item()} at step {step_number}; the run stops here. "
+                f"Last good checkpoint: {last or 'none'}. Lower optim.base_lr, "
+                f"raise teacher.warmup_teacher_temp_epochs or use train.autocast=none."
+            )
+    optimizer.zero_grad(set_to_none=True)
+    terms["total"].backward()
+    if cfg.optim.clip_grad > 0:
+        # Per sub-model, as the official code: a huge head gradient does not shrink the backbone's.
+        for module in model.student.values():
+            torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.optim.clip_grad)
+    optimizer.step()
+    model.update_teacher(sched["momentum"])
+    return terms, targets
+
+
 def train(cfg: Config, run_dir: Path) -> TrainResult:
     """Train (or resume) the run in `run_dir` with `cfg`; returns when `max_steps` or the end of
     the schedule is reached. Raises `NonFiniteLossError` on a NaN / inf loss."""
@@ -226,23 +259,7 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
                 continue
             batch = _to_device(batch, device)
             sched = schedules.at(step)
-            apply_schedule(optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"])
-            with _autocast(cfg, device):
-                terms, targets = model(batch, sched["teacher_temp"])
-            for name, value in terms.items():
-                if not torch.isfinite(value):
-                    raise NonFiniteLossError(
-                        f"loss term '{name}' is {value.item()} at step {step + 1}; the run stops here. "
-                        f"Last good checkpoint: {latest_checkpoint(run_dir) or 'none'}. Lower optim.base_lr, "
-                        f"raise teacher.warmup_teacher_temp_epochs or use train.autocast=none."
-                    )
-            optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            if cfg.optim.clip_grad > 0:
-                for module in model.student.values():
-                    torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.optim.clip_grad)
-            optimizer.step()
-            model.update_teacher(sched["momentum"])
+            terms, targets = train_step(model, optimizer, batch, sched, cfg, device, step + 1, run_dir)
             step += 1
             loss_value = terms["total"].item()
 
@@ -263,12 +280,11 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
                 **health,
             }
             metrics.write(record)
-            collapsed = health["prototypes_used"] <= 1 or health["feature_std"] < 0.05
-            if collapsed and step > warmup_steps and step - last_warning >= 100:
-                log.warning(
-                    "step %d: collapse signal (prototypes used %d, feature std %.3f, teacher entropy %.3f)",
-                    step, health["prototypes_used"], health["feature_std"], health["teacher_entropy"],
-                )
+            # Early steps look collapsed by construction (a fresh teacher maps every image to
+            # nearly the same output), so warnings start after the lr warmup.
+            reasons = collapse_reasons(health)
+            if reasons and step > warmup_steps and step - last_warning >= 100:
+                log.warning("step %d: collapse signal: %s", step, "; ".join(reasons))
                 last_warning = step
             if bar is not None:
                 bar.update(1)

@@ -220,6 +220,13 @@ class SSLModel(nn.Module):
         self.ibot_loss.apply_center_update()
 
 
+# Thresholds of `collapse_reasons`: a teacher whose targets keep more than 98 % of the maximum
+# entropy no longer tells images apart; normalised features with a spread under 5 % of a
+# uniform spread are all the same image to the head.
+UNIFORM_ENTROPY = 0.98
+EQUAL_FEATURES_STD = 0.05
+
+
 @torch.no_grad()
 def health_signals(targets: dict[str, Tensor]) -> dict[str, float]:
     """Label-free collapse signals of one batch.
@@ -238,3 +245,16 @@ def health_signals(targets: dict[str, Tensor]) -> dict[str, float]:
     feats = torch.nn.functional.normalize(targets["global_cls"].float(), dim=-1)
     std = feats.std(0).mean() * math.sqrt(feats.shape[-1]) if feats.shape[0] > 1 else torch.tensor(0.0)
     return {"teacher_entropy": float(entropy), "prototypes_used": float(used), "feature_std": float(std)}
+
+
+def collapse_reasons(health: dict[str, float]) -> list[str]:
+    """Which health signals show a collapse: to one prototype, to uniform targets, or to equal
+    features. Empty when none does."""
+    reasons = []
+    if health["prototypes_used"] <= 1:
+        reasons.append("every image assigned to one prototype")
+    if health["teacher_entropy"] > UNIFORM_ENTROPY:
+        reasons.append(f"teacher targets nearly uniform (entropy {health['teacher_entropy']:.4f} of the maximum)")
+    if health["feature_std"] < EQUAL_FEATURES_STD:
+        reasons.append(f"features nearly equal for all images (std {health['feature_std']:.3f})")
+    return reasons

@@ -1,0 +1,79 @@
+"""One way to name a backbone on the command line: a run folder, a checkpoint file or an architecture.
+
+- a `dinokit train` run folder: its `config.yaml` gives the architecture and
+  `teacher_backbone.safetensors` the weights (the EMA teacher is the model that is released);
+- a checkpoint file (`.pth` / `.safetensors`, official or dinokit) together with `arch`;
+- a named architecture (`dinov2_vits14`, ...) alone: random initialisation, for baselines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dinokit.checkpoint.loading import CheckpointError, load_backbone
+from dinokit.models.builders import OFFICIAL_ARCHS, build_official
+from dinokit.models.vision_transformer import VisionTransformer
+
+
+@dataclass
+class ResolvedBackbone:
+    """A backbone ready for inference and what is known about how it was trained.
+
+    Attributes:
+        model: the backbone in eval mode.
+        source: human-readable description (path or name, and whether weights were loaded).
+        image_size: evaluation crop size: the training global crop size of a run, else 224
+            (the official evaluation protocol's centre crop).
+    """
+
+    model: VisionTransformer
+    source: str
+    image_size: int
+
+
+def resolve_backbone(spec: str | Path, arch: str | None = None, random_init: bool = False) -> ResolvedBackbone:
+    """Build and load the backbone named by `spec` (see the module docstring).
+
+    Args:
+        spec: run folder, checkpoint file, or architecture name.
+        arch: architecture for a checkpoint file (default `dinov2_vits14`).
+        random_init: for a run folder, keep the architecture but skip the weights (baseline).
+    """
+    path = Path(spec)
+    if path.is_dir():
+        return _from_run(path, random_init)
+    if path.is_file():
+        name = arch or "dinov2_vits14"
+        if name not in OFFICIAL_ARCHS:
+            raise CheckpointError(f"unknown --arch {name!r}; known: {', '.join(OFFICIAL_ARCHS)}")
+        model = build_official(name)
+        load_backbone(model, path)
+        return ResolvedBackbone(model.eval(), f"{path} ({name})", 224)
+    if str(spec) in OFFICIAL_ARCHS:
+        model = build_official(str(spec))
+        return ResolvedBackbone(model.eval(), f"{spec} (random initialisation)", 224)
+    raise CheckpointError(
+        f"{spec} is neither a run folder, a checkpoint file nor an architecture name "
+        f"({', '.join(OFFICIAL_ARCHS)})"
+    )
+
+
+def _from_run(run_dir: Path, random_init: bool) -> ResolvedBackbone:
+    from dinokit.config import load_config_file, vit_args_from_config
+
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise CheckpointError(f"{run_dir} is not a dinokit run folder: config.yaml is missing")
+    cfg = load_config_file(config_path)
+    model = vit_args_from_config(cfg.model, use_mask_token=cfg.loss.mode != "dino").build()
+    weights = run_dir / "teacher_backbone.safetensors"
+    if random_init:
+        source = f"{run_dir} architecture (random initialisation)"
+    else:
+        if not weights.is_file():
+            raise CheckpointError(f"{weights} does not exist: the run has not written a checkpoint yet")
+        load_backbone(model, weights)
+        source = str(weights)
+    return ResolvedBackbone(model.eval(), source, cfg.crops.global_size)
+
