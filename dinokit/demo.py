@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from dinokit.checkpoint import load_backbone
 from dinokit.models import build_official
+from dinokit.viz.pca import pca_image as pca_picture  # plain 3-component PCA of all patches
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,18 +47,6 @@ def to_tensor(image: Image.Image, size: int) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return ((x - mean) / std).unsqueeze(0)
-
-
-def pca_picture(patch_tokens: torch.Tensor, grid: tuple[int, int], scale: int = 16) -> Image.Image:
-    """First three principal components of (N, D) patch features as an RGB picture."""
-    feats = patch_tokens.double()
-    feats = feats - feats.mean(0)
-    _, _, v = torch.linalg.svd(feats, full_matrices=False)
-    comps = feats @ v[:3].T
-    lo, hi = comps.min(0).values, comps.max(0).values
-    rgb = ((comps - lo) / (hi - lo).clamp_min(1e-12) * 255).round().to(torch.uint8)
-    img = Image.fromarray(rgb.reshape(grid[0], grid[1], 3).numpy())
-    return img.resize((grid[1] * scale, grid[0] * scale), Image.Resampling.NEAREST)
 
 
 def run_demo(out_dir: Path, arch: str, weights: Path | None, image_path: Path | None, size: int) -> dict:

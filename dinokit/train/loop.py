@@ -226,7 +226,7 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
     schedules = build_schedules(**schedule_args(cfg))
     stop = cfg.run_steps
 
-    step, skipped_total = 0, 0
+    step, skipped_total, samples_consumed = 0, 0, 0
     resume_rng = None
     if ckpt_path is not None:
         state = load_checkpoint(ckpt_path)
@@ -236,9 +236,10 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
         model.ibot_loss.load_state_dict(state["ibot_loss"])
         optimizer.load_state_dict(state["optimizer"])
         step, skipped_total = int(state["step"]), int(state["skipped_images"])
+        samples_consumed = int(state["samples_consumed"])
         resume_rng = state["rng"]
         log.info("resuming %s from step %d", run_dir, step)
-    batches = build_loader(cfg, dataset, start_index=step * cfg.optim.batch_size)
+    batches = build_loader(cfg, dataset, start_index=samples_consumed)
     if resume_rng is not None:
         set_rng_state(resume_rng)  # after the loader started, so nothing draws in between
 
@@ -253,6 +254,7 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
             t0 = time.perf_counter()
             batch = next(batches)
             skipped_total += int(batch.get("n_skipped", 0))
+            samples_consumed += cfg.optim.batch_size
             if batch.get("n_images", 1) == 0:
                 log.warning("step %d: every image of the batch failed to decode; batch skipped", step + 1)
                 step += 1
@@ -293,7 +295,7 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
                 log.info("step %d/%d loss %.4f lr %.3g %.1f img/s", step, stop, loss_value, sched["lr"], record["images_per_s"])
 
             if step % cfg.checkpoint.every == 0 or step == stop:
-                _save(run_dir, step, model, optimizer, skipped_total, config_yaml, cfg.checkpoint.keep)
+                _save(run_dir, step, model, optimizer, skipped_total, samples_consumed, config_yaml, cfg.checkpoint.keep)
     finally:
         metrics.close()
         if bar is not None:
@@ -302,7 +304,7 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
 
 
 def _save(run_dir: Path, step: int, model: SSLModel, optimizer: torch.optim.Optimizer,
-          skipped: int, config_yaml: str, keep: int) -> None:
+          skipped: int, samples_consumed: int, config_yaml: str, keep: int) -> None:
     model.settle_pending_center_updates()
     state = {
         "step": step,
@@ -312,6 +314,7 @@ def _save(run_dir: Path, step: int, model: SSLModel, optimizer: torch.optim.Opti
         "ibot_loss": model.ibot_loss.state_dict(),
         "optimizer": optimizer.state_dict(),
         "skipped_images": skipped,
+        "samples_consumed": samples_consumed,  # the data sampler's position
         "rng": rng_state(),
     }
     save_checkpoint(run_dir, step, state, config_yaml, keep)

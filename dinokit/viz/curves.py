@@ -1,0 +1,158 @@
+"""Training curves of a run from its `metrics.jsonl`: losses, schedules, health signals, k-NN.
+
+One small panel per quantity (they live on very different scales: lr ~1e-3, momentum ~0.99,
+prototypes used in the thousands), grouped in rows: losses, schedules, health, online k-NN.
+Quantities absent from the records are skipped, so DINO v1 runs (no iBOT, no KoLeo) and runs
+without online evaluation draw fine.
+
+Needs matplotlib (a bare `Figure`, rendered by Agg: works without a display).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+Record = dict[str, Any]
+
+# (title, keys drawn together). Loss terms share one panel: they are all cross-entropies of
+# comparable size and their sum is the total.
+LOSS_PANELS: list[tuple[str, list[str]]] = [
+    ("loss", ["loss", "dino_global", "dino_local", "ibot"]),
+]
+SCHEDULE_PANELS: list[tuple[str, list[str]]] = [
+    ("learning rate", ["lr"]),
+    ("weight decay", ["wd"]),
+    ("teacher momentum", ["momentum"]),
+    ("teacher temperature", ["teacher_temp"]),
+]
+HEALTH_PANELS: list[tuple[str, list[str]]] = [
+    ("teacher entropy", ["teacher_entropy"]),
+    ("prototypes used", ["prototypes_used"]),
+    ("feature std", ["feature_std"]),
+    ("KoLeo", ["koleo"]),
+    ("images / s", ["images_per_s"]),
+    ("skipped images", ["skipped_images"]),
+]
+
+
+def load_records(run_dir: str | Path) -> list[Record]:
+    """Records of RUN_DIR/metrics.jsonl (or of the given .jsonl file).
+
+    A last line cut by a crash is skipped, as `MetricsLog` does on resume.
+
+    Raises:
+        ValueError: the file is missing or holds no record (the message names the file).
+    """
+    path = Path(run_dir)
+    if path.is_dir() or path.suffix != ".jsonl":
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: is {path.parent} a dinokit run folder that has trained a step?")
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    if not records:
+        raise ValueError(f"{path} holds no metric records")
+    return records
+
+
+def series(records: Sequence[Record], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of one key over the records that have a finite number for it.
+
+    Steps come from "step" (the record index + 1 where it is missing); non-finite values are
+    written as null by `MetricsLog` and dropped here.
+    """
+    steps, values = [], []
+    for i, record in enumerate(records):
+        value = record.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            continue
+        steps.append(float(record.get("step", i + 1)))
+        values.append(float(value))
+    return steps, values
+
+
+def knn_keys(records: Sequence[Record]) -> list[str]:
+    """Keys starting with "knn" (online k-NN accuracies), in first-seen order."""
+    seen: dict[str, None] = {}
+    for record in records:
+        for key in record:
+            if key.startswith("knn"):
+                seen.setdefault(key)
+    return list(seen)
+
+
+def plot_curves(run_dir_or_records: str | Path | Sequence[Record], out_path: str | Path, columns: int = 4) -> Path:
+    """Draw the curves of a run to a PNG and return its path.
+
+    Args:
+        run_dir_or_records: a run folder (or its metrics.jsonl), or the records themselves
+            (dicts with "step" and metric keys, as `dinokit.train.metrics.read_metrics` gives).
+        out_path: PNG file to write (parent folders are created).
+        columns: panels per row.
+
+    Raises:
+        ValueError: no metrics file, no records, or none of the known keys.
+
+    Example:
+        >>> plot_curves("runs/tiny", "runs/tiny/curves.png")
+    """
+    if isinstance(run_dir_or_records, (str, Path)):
+        records = load_records(run_dir_or_records)
+        title = str(run_dir_or_records)
+    else:
+        records = list(run_dir_or_records)
+        if not records:
+            raise ValueError("no metric records to plot")
+        title = "training curves"
+
+    knn = knn_keys(records)
+    rows = [LOSS_PANELS, SCHEDULE_PANELS, HEALTH_PANELS, [("online k-NN accuracy", knn)] if knn else []]
+    # Keep only panels with data; a row may spill over several grid rows.
+    present = [[(t, ks) for t, ks in row if any(series(records, k)[1] for k in ks)] for row in rows]
+    grid_rows = [row[i : i + columns] for row in present for i in range(0, len(row), columns)]
+    if not grid_rows:
+        raise ValueError(f"{title}: the records have none of the known metric keys")
+
+    try:
+        # A bare Figure (no pyplot) renders with Agg and touches no global backend state, so it
+        # works headless and does not disturb a notebook's backend.
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise ImportError("plotting curves needs matplotlib: pip install matplotlib") from exc
+
+    fig = Figure(figsize=(4 * columns, 3 * len(grid_rows)))
+    axes = fig.subplots(len(grid_rows), columns, squeeze=False)
+    for r, row in enumerate(grid_rows):
+        for c in range(columns):
+            ax = axes[r][c]
+            if c >= len(row):
+                ax.axis("off")
+                continue
+            panel_title, keys = row[c]
+            for key in keys:
+                steps, values = series(records, key)
+                if values:
+                    # Sparse series (k-NN every few thousand steps) need markers to be seen.
+                    ax.plot(steps, values, label=key, linewidth=1.0, marker="o" if len(values) < 30 else None, markersize=3)
+            ax.set_title(panel_title)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            if len(keys) > 1:
+                ax.legend(fontsize=8)
+            if keys == ["lr"]:
+                ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    return out
