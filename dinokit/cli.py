@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=int, default=224, help="input side in pixels (rounded to the patch)")
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"))
     demo.set_defaults(func=_demo)
+
+    from dinokit.viz.commands import add_commands as add_viz_commands
+
+    add_viz_commands(sub)
     return parser
 
 

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Any, Sequence
 
@@ -52,7 +53,7 @@ def logreg_probe(
         cs: inverse regularisation strengths to try.
 
     Returns:
-        {"best": {C, val_top1, test_top1[, test_top5]}, "grid": [{C, val_top1}, ...],
+        {"best": {C, val_top1, test_top1[, test_top5]}, "grid": [{C, val_top1, n_iter, seconds}, ...],
          "n_train", "n_val", "n_test", "num_classes"}.
     """
     from sklearn.exceptions import ConvergenceWarning
@@ -73,17 +74,27 @@ def logreg_probe(
     x = (x - mean) / std
     xt = (xt - mean) / std
 
-    grid, models = [], []
-    for c in cs:
-        clf = LogisticRegression(C=float(c), max_iter=max_iter, random_state=seed)
+    # Ascending C with warm start: each fit starts from the previous (more regularised) solution,
+    # which cuts lbfgs iterations several-fold on a grid; results are still each C's optimum.
+    order = sorted(range(len(cs)), key=lambda i: float(cs[i]))
+    clf = LogisticRegression(C=1.0, max_iter=max_iter, warm_start=True, random_state=seed)
+    grid: list[dict[str, Any]] = [{} for _ in cs]
+    best_j, best_params = -1, None
+    for j in order:
+        t0 = time.time()
+        clf.set_params(C=float(cs[j]))
         with warnings.catch_warnings():
-            # Small C converges fast; large C may hit max_iter, which is still a usable model.
+            # Large C may hit max_iter, which still gives a usable model; n_iter is reported.
             warnings.simplefilter("ignore", ConvergenceWarning)
             clf.fit(x[tr], y[tr])
-        grid.append({"C": float(c), "val_top1": float(100.0 * (clf.predict(x[val]) == y[val]).mean())})
-        models.append(clf)
-    j = int(np.argmax([g["val_top1"] for g in grid]))  # first maximum: ties go to the smaller C
-    clf = models[j]
+        acc = float(100.0 * (clf.predict(x[val]) == y[val]).mean())
+        grid[j] = {"C": float(cs[j]), "val_top1": acc, "n_iter": int(np.max(clf.n_iter_)),
+                   "seconds": round(time.time() - t0, 2)}
+        # Strictly better only: on ties the smaller C (visited first) is kept.
+        if best_params is None or acc > grid[best_j]["val_top1"]:
+            best_j, best_params = j, (clf.coef_.copy(), clf.intercept_.copy())
+    j = best_j
+    clf.coef_, clf.intercept_ = best_params
     num_classes = int(max(y.max(), yt.max() if len(yt) else 0)) + 1
     best: dict[str, Any] = {"C": grid[j]["C"], "val_top1": grid[j]["val_top1"],
                             "test_top1": float(100.0 * (clf.predict(xt) == yt).mean())}

@@ -267,7 +267,7 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
 
             health = health_signals(targets)
             if "koleo" in terms:
-                health["koleo"] = terms["koleo"].item() / cfg.loss.koleo_weight
+                health["koleo_value"] = terms["koleo"].item() / cfg.loss.koleo_weight  # unweighted
             seconds = time.perf_counter() - t0
             record = {
                 "step": step,

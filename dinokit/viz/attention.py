@@ -55,8 +55,8 @@ def prepare_image(image: Image.Image, patch_size: int, size: int) -> tuple[Image
     image = image.convert("RGB")
     w, h = image.size
     scale = size / min(w, h)
-    new_w = max(patch_size, int(round(w * scale)) // patch_size * patch_size)
-    new_h = max(patch_size, int(round(h * scale)) // patch_size * patch_size)
+    new_w = max(patch_size, round(w * scale) // patch_size * patch_size)
+    new_h = max(patch_size, round(h * scale) // patch_size * patch_size)
     shown = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
     x = torch.from_numpy(np.asarray(shown, dtype=np.float32) / 255.0).permute(2, 0, 1)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -80,16 +80,27 @@ def upsample(grid_values: Tensor, size: tuple[int, int], mode: Upsample = "neare
     return F.interpolate(g, size=size, mode=mode, **kwargs)[0, 0].double().numpy()
 
 
-def tile(image: Image.Image, label: str | None, size: tuple[int, int]) -> Image.Image:
-    """Resize a panel to `size` (W, H) and write a small label in its top-left corner."""
-    out = image.convert("RGB").resize(size, Image.Resampling.NEAREST)
+def tile(
+    image: Image.Image, label: str | None, size: tuple[int, int], resample: Image.Resampling = Image.Resampling.NEAREST
+) -> Image.Image:
+    """Resize a panel to `size` (W, H) and write a small label in its top-left corner.
+
+    NEAREST (default) for patch grids and finished panels; BICUBIC for photographs."""
+    out = image.convert("RGB").resize(size, resample)
     if label:
         draw = ImageDraw.Draw(out)
-        left, top, right, bottom = draw.textbbox((2, 1), label)
+        _, _, right, bottom = draw.textbbox((2, 1), label)
         # A dark box behind the text keeps it readable on bright heat maps.
         draw.rectangle((0, 0, right + 2, bottom + 2), fill=(0, 0, 0))
         draw.text((2, 1), label, fill=(255, 255, 255))
     return out
+
+
+def balanced_columns(n: int, max_columns: int = 10) -> int:
+    """Columns for n panels: one row up to `max_columns`, else rows of equal length (so 14
+    panels make 2 x 7 rather than 10 + 4)."""
+    rows = math.ceil(n / max_columns)
+    return math.ceil(n / rows)
 
 
 def grid_image(groups: Sequence[Sequence[Image.Image]], columns: int, gap: int = 2) -> Image.Image:
@@ -191,7 +202,7 @@ def attention_picture(
     threshold: float | None = None,
     mode: Upsample = "nearest",
     alpha: float = 0.6,
-    columns: int = 7,
+    columns: int | None = None,
     min_side: int = 160,
 ) -> Path:
     """Save a PNG grid: the input, one heat map per head over the image, and the mean over heads.
@@ -207,7 +218,8 @@ def attention_picture(
         threshold: attention mass to keep in the masks, or None for no masks.
         mode: upsampling of the patch grid, "nearest" or "bilinear".
         alpha: opacity of the heat map over the image.
-        columns: panels per row (long rows wrap).
+        columns: panels per row (long rows wrap); default `balanced_columns(heads + 2)`: one
+            row up to 8 heads, 2 x 7 for 12 heads, 2 x 9 for 16, 3 x 9 for 24.
         min_side: smallest panel side; see `panel_size`.
 
     Returns the written path. Panel size is `panel_size(image.size, min_side)`; see `grid_image`
@@ -225,16 +237,20 @@ def attention_picture(
     all_maps = torch.cat([maps, maps.mean(0, keepdim=True)])  # heads, then the mean
     names = [f"head {i}" for i in range(maps.shape[0])] + ["mean"]
     heat = [tile(_heat_panel(shown, upsample(m, hw, mode), alpha), n, size) for m, n in zip(all_maps, names)]
-    groups = [[tile(image, "input", size), *heat]]
+    # The input panel shows the same resized photo the heat maps are drawn over.
+    groups = [[tile(Image.fromarray(shown.astype(np.uint8)), "input", size), *heat]]
     if threshold is not None:
         masks = threshold_masks(all_maps, threshold)
         union = masks[:-1].any(0)
         panels = [union, *masks]
         labels = [f"union {threshold:g}"] + [f"{n} {threshold:g}" for n in names]
         groups.append(
-            [tile(_mask_panel(shown, upsample(m.float(), hw, "nearest") > 0.5), n, size) for m, n in zip(panels, labels)]
+            [
+                tile(_mask_panel(shown, upsample(m.float(), hw, "nearest") > 0.5), n, size)
+                for m, n in zip(panels, labels)
+            ]
         )
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    grid_image(groups, columns).save(out)
+    grid_image(groups, columns or balanced_columns(len(groups[0]))).save(out)
     return out

@@ -62,7 +62,9 @@ def _attention(args: argparse.Namespace) -> int:
     for image, stem in zip(images, _unique_stems(args.images)):
         shown, x = prepare_image(image, model.patch_size, size)
         maps = attention_maps(model, x)
-        out = attention_picture(shown, maps, args.out / f"{stem}_attention.png", threshold=args.threshold, mode=args.mode)
+        out = attention_picture(
+            shown, maps, args.out / f"{stem}_attention.png", threshold=args.threshold, mode=args.mode
+        )
         print(f"wrote {out}")
     return 0
 
@@ -104,8 +106,10 @@ def _guarded(func: Any) -> Any:
 def _backbone_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("backbone", help="run folder, checkpoint file (with --arch) or architecture name")
     parser.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
-    parser.add_argument("--arch", default=None, choices=sorted(OFFICIAL_ARCHS), help="architecture of a checkpoint file")
-    parser.add_argument("--size", type=int, default=None, help="short side of the input in pixels (default: the backbone's eval size)")
+    parser.add_argument("--arch", default=None, choices=sorted(OFFICIAL_ARCHS),
+                        help="architecture of a checkpoint file")
+    parser.add_argument("--size", type=int, default=None,
+                        help="short side of the input in pixels (default: the backbone's eval size)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
 
 
@@ -126,7 +130,8 @@ def add_commands(subparsers: Any) -> argparse.ArgumentParser:
     att = sub.add_parser("attention", help="last-block [CLS] attention maps per head (DINO's object masks)")
     _backbone_arguments(att)
     att.add_argument("--out", type=Path, required=True, help="folder for IMAGE_STEM_attention.png")
-    att.add_argument("--threshold", type=float, default=None, help="also draw masks keeping this attention mass (e.g. 0.6)")
+    att.add_argument("--threshold", type=float, default=None,
+                     help="also draw masks keeping this attention mass (e.g. 0.6)")
     att.add_argument("--mode", choices=["nearest", "bilinear"], default="nearest", help="upsampling of the patch grid")
     att.set_defaults(func=_guarded(_attention))
 

@@ -1,7 +1,7 @@
 """Training curves of a run from its `metrics.jsonl`: losses, schedules, health signals, k-NN.
 
 One small panel per quantity (they live on very different scales: lr ~1e-3, momentum ~0.99,
-prototypes used in the thousands), grouped in rows: losses, schedules, health, online k-NN.
+prototypes used in the thousands): losses, online k-NN, health signals, schedules.
 Quantities absent from the records are skipped, so DINO v1 runs (no iBOT, no KoLeo) and runs
 without online evaluation draw fine.
 
@@ -17,24 +17,25 @@ from typing import Any, Sequence
 
 Record = dict[str, Any]
 
-# (title, keys drawn together). Loss terms share one panel: they are all cross-entropies of
-# comparable size and their sum is the total.
+# (title, keys drawn together), in drawing order; the panels flow row by row. Loss terms share one
+# panel: they are cross-entropies of comparable size and their sum is the total. Progress (loss,
+# k-NN) comes first, then health signals, then the schedules, which fill the last row.
 LOSS_PANELS: list[tuple[str, list[str]]] = [
-    ("loss", ["loss", "dino_global", "dino_local", "ibot"]),
+    ("loss", ["loss", "dino_global", "dino_local", "ibot", "koleo"]),
+]
+HEALTH_PANELS: list[tuple[str, list[str]]] = [
+    ("teacher entropy", ["teacher_entropy"]),
+    ("prototypes used", ["prototypes_used"]),
+    ("feature std", ["feature_std"]),
+    ("KoLeo (unweighted)", ["koleo_value"]),
+    ("images / s", ["images_per_s"]),
+    ("skipped images", ["skipped_images"]),
 ]
 SCHEDULE_PANELS: list[tuple[str, list[str]]] = [
     ("learning rate", ["lr"]),
     ("weight decay", ["wd"]),
     ("teacher momentum", ["momentum"]),
     ("teacher temperature", ["teacher_temp"]),
-]
-HEALTH_PANELS: list[tuple[str, list[str]]] = [
-    ("teacher entropy", ["teacher_entropy"]),
-    ("prototypes used", ["prototypes_used"]),
-    ("feature std", ["feature_std"]),
-    ("KoLeo", ["koleo"]),
-    ("images / s", ["images_per_s"]),
-    ("skipped images", ["skipped_images"]),
 ]
 
 
@@ -115,12 +116,11 @@ def plot_curves(run_dir_or_records: str | Path | Sequence[Record], out_path: str
         title = "training curves"
 
     knn = knn_keys(records)
-    rows = [LOSS_PANELS, SCHEDULE_PANELS, HEALTH_PANELS, [("online k-NN accuracy", knn)] if knn else []]
-    # Keep only panels with data; a row may spill over several grid rows.
-    present = [[(t, ks) for t, ks in row if any(series(records, k)[1] for k in ks)] for row in rows]
-    grid_rows = [row[i : i + columns] for row in present for i in range(0, len(row), columns)]
-    if not grid_rows:
+    panels = [*LOSS_PANELS, *([("online k-NN accuracy", knn)] if knn else []), *HEALTH_PANELS, *SCHEDULE_PANELS]
+    panels = [(t, ks) for t, ks in panels if any(series(records, k)[1] for k in ks)]
+    if not panels:
         raise ValueError(f"{title}: the records have none of the known metric keys")
+    grid_rows = [panels[i : i + columns] for i in range(0, len(panels), columns)]
 
     try:
         # A bare Figure (no pyplot) renders with Agg and touches no global backend state, so it
@@ -142,7 +142,8 @@ def plot_curves(run_dir_or_records: str | Path | Sequence[Record], out_path: str
                 steps, values = series(records, key)
                 if values:
                     # Sparse series (k-NN every few thousand steps) need markers to be seen.
-                    ax.plot(steps, values, label=key, linewidth=1.0, marker="o" if len(values) < 30 else None, markersize=3)
+                    marker = "o" if len(values) < 30 else None
+                    ax.plot(steps, values, label=key, linewidth=1.0, marker=marker, markersize=3)
             ax.set_title(panel_title)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)

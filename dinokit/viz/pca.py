@@ -203,7 +203,7 @@ def pca_picture(
     canvas = Image.new("RGB", (width, 2 * height + gap), "white")
     left = 0
     for i, (s, c, (w, h)) in enumerate(zip(shown, colours, sizes)):
-        canvas.paste(tile(s, f"image {i}", (w, h)), (left, 0))
+        canvas.paste(tile(s, f"image {i}", (w, h), Image.Resampling.BICUBIC), (left, 0))
         canvas.paste(tile(Image.fromarray(c.numpy()), None, (w, h)), (left, height + gap))
         left += w + gap
     out = Path(out_path)
