@@ -212,6 +212,23 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Online k-NN during training: every `knn_every` steps (0 = off) the teacher backbone's
+    [CLS] features of `knn_val_size` images of `knn_val` are classified by weighted k-NN
+    (k = `knn_k`) against `knn_train_size` images of `knn_train`. Dataset specs as in
+    `dinokit eval`: an image folder with class sub-folders, a `.txt` list, or
+    `fashion_mnist[:root]` (the test split is used for `knn_val`). An empty `knn_train` uses the
+    training data, which then needs labels."""
+
+    knn_every: int = 0
+    knn_train: str = ""
+    knn_val: str = ""
+    knn_train_size: int = 10000
+    knn_val_size: int = 2000
+    knn_k: int = 20
+
+
+@dataclass
 class Config:
     """The whole configuration of a `dinokit train` run."""
 
@@ -224,6 +241,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def total_steps(self) -> int:
@@ -604,6 +622,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     need(tr.log_every >= 1, f"train.log_every must be >= 1, got {tr.log_every}")
     need(ck.every >= 1, f"checkpoint.every must be >= 1, got {ck.every}")
     need(ck.keep >= 1, f"checkpoint.keep must be >= 1, got {ck.keep}")
+    ev = cfg.eval
+    need(ev.knn_every >= 0, f"eval.knn_every must be >= 0 (0 = off), got {ev.knn_every}")
+    need(ev.knn_every == 0 or bool(ev.knn_val), "eval.knn_val must name a labeled validation set when eval.knn_every > 0")
+    for name in ("knn_train_size", "knn_val_size", "knn_k"):
+        need(getattr(ev, name) >= 1, f"eval.{name} must be >= 1, got {getattr(ev, name)}")
 
     bad = [key for key, v in _walk_floats(cfg, "") if not math.isfinite(v)]
     need(not bad, f"{', '.join(bad)}: NaN or infinite values are not allowed")

@@ -195,3 +195,23 @@ def test_dino_v1_mode_trains_without_ibot_and_koleo(image_folder: Path, tmp_path
 def test_bf16_autocast_runs_on_cpu(image_folder: Path, tmp_path: Path) -> None:
     train(_cfg(image_folder, "train.max_steps=2", "train.autocast=bf16"), tmp_path / "run")
     assert all(np.isfinite(r["loss"]) for r in read_metrics(tmp_path / "run"))
+
+
+def test_online_knn_is_logged_and_leaves_training_unchanged(image_folder: Path, tmp_path: Path) -> None:
+    plain, with_knn = tmp_path / "plain", tmp_path / "knn"
+    train(_cfg(image_folder, "train.max_steps=4"), plain)
+    train(_cfg(image_folder, "train.max_steps=4", "eval.knn_every=2", f"eval.knn_val={image_folder}",
+               "eval.knn_train_size=16", "eval.knn_val_size=8", "eval.knn_k=5"), with_knn)
+    records = read_metrics(with_knn)
+    assert [("knn_top1" in r) for r in records] == [False, True, False, True]
+    assert all(0.0 <= r["knn_top1"] <= 100.0 for r in records if "knn_top1" in r)
+    assert _losses(with_knn) == _losses(plain)
+
+
+def test_online_knn_without_labels_fails_before_training(tmp_path: Path) -> None:
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((32, 32, 3), i * 40, np.uint8)).save(flat / f"{i}.png")
+    with pytest.raises(ValueError, match="eval.knn_train"):
+        train(_cfg(flat, "eval.knn_every=2", f"eval.knn_val={flat}"), tmp_path / "run")

@@ -38,6 +38,7 @@ from dinokit.data.loader import make_train_loader
 from dinokit.data.masking import MaskingGenerator
 from dinokit.data.transforms import MultiCropAugmentation
 from dinokit.train.metrics import MetricsLog
+from dinokit.train.online_knn import OnlineKNN
 from dinokit.train.optim import apply_schedule, build_optimizer
 from dinokit.train.schedules import build_schedules
 from dinokit.train.ssl_model import HeadArgs, LossArgs, SSLModel, collapse_reasons, health_signals
@@ -47,7 +48,8 @@ log = logging.getLogger("dinokit.train")
 # Settings that may change between a run and its resumption without changing the result.
 RESUMABLE_CHANGES = {
     "train.max_steps", "train.log_every", "train.device", "data.num_workers", "data.path",
-    "checkpoint.every", "checkpoint.keep",
+    "checkpoint.every", "checkpoint.keep", "eval.knn_every", "eval.knn_train", "eval.knn_val",
+    "eval.knn_train_size", "eval.knn_val_size", "eval.knn_k",
 }
 
 
@@ -211,6 +213,7 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
 
         _check_resume_config(config_from_dict(yaml.safe_load(saved_cfg_path.read_text())), cfg, run_dir)
     dataset = build_dataset(cfg)  # fails on a missing / empty folder before any work
+    online_knn = OnlineKNN(cfg, dataset) if cfg.eval.knn_every > 0 else None
     run_dir.mkdir(parents=True, exist_ok=True)
     config_yaml = _dump_yaml(cfg)
     saved_cfg_path.write_text(config_yaml)
@@ -281,6 +284,9 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
                 "skipped_images": skipped_total,
                 **health,
             }
+            if online_knn is not None and online_knn.due(step):
+                record.update(online_knn.evaluate(model.teacher["backbone"]))
+                log.info("step %d: online k-NN top-1 %.2f %%", step, record["knn_top1"])
             metrics.write(record)
             # Early steps look collapsed by construction (a fresh teacher maps every image to
             # nearly the same output), so warnings start after the lr warmup.
