@@ -63,6 +63,25 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quickstart(args: argparse.Namespace) -> int:
+    import logging
+
+    from dinokit.config import ConfigError
+    from dinokit.data.datasets import DatasetError
+    from dinokit.quickstart import run_quickstart
+    from dinokit.train.loop import NonFiniteLossError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        report = run_quickstart(args.out, args.data, args.fashion_mnist_root, args.steps, args.preset, args.overrides)
+    except (ConfigError, DatasetError, NonFiniteLossError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report.read_text())
+    print(f"report: {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dinokit", description="DINO / DINOv2 self-supervised learning toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=300")
     tr.set_defaults(func=_train)
 
+    qs = sub.add_parser("quickstart", help="pretrain (tiny preset), evaluate against baselines, write report.md")
+    qs.add_argument("--data", type=Path, default=None, help="image folder (default: Fashion-MNIST)")
+    qs.add_argument("--fashion-mnist-root", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
+    qs.add_argument("--out", type=Path, default=Path("runs/quickstart"))
+    qs.add_argument("--steps", type=int, default=None, help="stop after N steps (default: the whole schedule)")
+    qs.add_argument("--preset", default="tiny")
+    qs.add_argument("overrides", nargs="*", help="dotted key=value overrides of the preset")
+    qs.set_defaults(func=_quickstart)
+
     demo = sub.add_parser("demo", help="extract features of a photo and draw their PCA")
     demo.add_argument("--arch", default="dinov2_vits14", choices=sorted(OFFICIAL_ARCHS))
     demo.add_argument("--weights", type=Path, default=None, help="official or dinokit checkpoint file")
@@ -86,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"))
     demo.set_defaults(func=_demo)
 
+    from dinokit.eval.commands import add_commands as add_eval_commands
     from dinokit.viz.commands import add_commands as add_viz_commands
 
+    add_eval_commands(sub)
     add_viz_commands(sub)
     return parser
 
@@ -97,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides (key=value) may come before or after options: collect what argparse leaves over.
     args, extra = parser.parse_known_args(argv)
     unknown = [item for item in extra if item.startswith("-") or "=" not in item]
-    if unknown or (extra and args.command != "train"):
+    if unknown or (extra and args.command not in ("train", "quickstart")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]

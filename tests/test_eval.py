@@ -19,6 +19,7 @@ from dinokit.eval import (
     add_commands,
     eval_transform_for,
     evaluate_knn,
+    evaluate_linear,
     extract_features,
     few_shot_indices,
     iter_feature_shards,
@@ -280,3 +281,13 @@ def test_cli_embed_then_eval_from_feature_folders(image_folder: Path, tmp_path: 
                 "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
     result = json.loads(out.read_text())
     assert result["results"]["best"]["test_top1"] == 100.0 and result["features"] == ["cls"]
+
+
+def test_evaluate_linear_with_a_module(image_folder: Path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ImageDecodeWarning)
+        res = evaluate_linear(tiny_vit(), image_folder, image_folder, lrs=[0.1], epochs=2, probe_batch_size=4,
+                              val_fraction=0.25, crop=16, device="cpu", progress=False)
+    # Depth 2: the official {last 1, last 4} x {+-avgpool} set with 4 clamped to 2.
+    assert res["features"] == ["cls_last1", "cls_last1_avgpool", "cls_last2", "cls_last2_avgpool"]
+    assert res["image_size"] == 16 and res["results"]["n_val"] == 3

@@ -102,6 +102,7 @@ def split_features(
                 resolved = resolve_feature_model(backbone, arch, random_init, crop)
                 if not resolved.image_size:  # raw pixels without a size: the data's own
                     resolved.image_size = infer_image_size(ds)
+                    resolved.source = f"pixels (raw-pixel baseline, {resolved.image_size} px)"
                 info["backbone"] = resolved.source
                 info["image_size"] = resolved.image_size
             if features is None:
@@ -223,8 +224,10 @@ def format_result(result: dict[str, Any]) -> str:
                 f"selected on {res['n_val']} validation images\n"
                 + _table(["feature", "best lr", "val top-1 %", "test top-1 %", "test top-5 %"], rows)
                 + f"\nchosen: {b['feature']} lr {b['lr']:.3g} -> test top-1 {b['test_top1']:.2f} %")
+        if b["lr"] == max(res["lrs"]) and len(res["lrs"]) > 1:
+            body += "\nnote: the largest learning rate won; a grid with larger --lrs (or more --epochs) may do better"
     else:
-        rows = [(f"{g['C']:.3g}", g["val_top1"]) for g in res["grid"]]
+        rows = [(f"{g['C']:.3g}", "-" if g["val_top1"] is None else g["val_top1"]) for g in res["grid"]]
         b = res["best"]
         body = (f"logistic regression on {result['feature']}\n" + _table(["C", "val top-1 %"], rows)
                 + f"\nchosen: C {b['C']:.3g} -> test top-1 {b['test_top1']:.2f} %"
@@ -270,12 +273,14 @@ def _run_embed(args: argparse.Namespace) -> int:
         rb = resolve_feature_model(args.backbone, args.arch, args.random_init, args.crop)
         if not rb.image_size:
             rb.image_size = infer_image_size(ds)
+            rb.source = f"pixels (raw-pixel baseline, {rb.image_size} px)"
         transform = eval_transform_for(rb.image_size, args.resize, args.crop)
         manifest = write_feature_shards(
             args.out, rb.model, ds, transform, features=args.features, shard_size=args.shard_size, dtype=args.dtype,
             source=rb.source, batch_size=args.batch_size, n_last_blocks=args.n_last_blocks, autocast_bf16=args.bf16,
             num_workers=args.num_workers, progress=not args.no_progress, device=args.device or default_device(),
-            overwrite=args.overwrite)
+            overwrite=args.overwrite, description=f"{args.data} (split {args.split}"
+            + (f", random subset of {args.max_images}, seed {args.seed})" if args.max_images else ")"))
     except _errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
@@ -37,7 +36,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from dinokit.data.datasets import FashionMNIST, FileListDataset, ImageFolderDataset, DatasetError
+from dinokit.checkpoint.resolve import ResolvedBackbone, resolve_backbone
+from dinokit.data.datasets import DatasetError, FashionMNIST, FileListDataset, ImageFolderDataset
 from dinokit.data.transforms import eval_transform
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "default_device",
     "eval_transform_for",
     "extract_features",
+    "infer_image_size",
     "is_feature_dir",
     "iter_feature_batches",
     "iter_feature_shards",
@@ -160,18 +161,9 @@ class PixelBackbone(nn.Module):
 # ----------------------------------------------------------------------------- backbones, transforms, datasets
 
 
-@dataclass
-class _Resolved:
-    """Same fields as `dinokit.checkpoint.resolve.ResolvedBackbone` (model, source, image_size)."""
-
-    model: nn.Module
-    source: str
-    image_size: int
-
-
 def resolve_feature_model(backbone: Any, arch: str | None = None, random_init: bool = False,
-                          image_size: int | None = None) -> Any:
-    """Anything that names a backbone -> object with `.model` (eval mode), `.source`, `.image_size`.
+                          image_size: int | None = None) -> ResolvedBackbone:
+    """Anything that names a backbone -> `ResolvedBackbone` (model in eval mode, source, image_size).
 
     Args:
         backbone: run folder / checkpoint file / architecture name (see `resolve_backbone`),
@@ -183,13 +175,11 @@ def resolve_feature_model(backbone: Any, arch: str | None = None, random_init: b
     if hasattr(backbone, "model") and hasattr(backbone, "image_size"):
         return backbone
     if isinstance(backbone, nn.Module):
-        return _Resolved(backbone.eval(), type(backbone).__name__, image_size or 224)
+        return ResolvedBackbone(backbone.eval(), type(backbone).__name__, image_size or 224)
     spec = str(backbone)
     if spec == "pixels" or spec.startswith("pixels:"):
         size = image_size or (int(spec.split(":", 1)[1]) if ":" in spec else 0)
-        return _Resolved(PixelBackbone(size or None), f"pixels (raw-pixel baseline{f', {size} px' if size else ''})", size)
-    from dinokit.checkpoint.resolve import resolve_backbone
-
+        return ResolvedBackbone(PixelBackbone(size or None), f"pixels (raw-pixel baseline{f', {size} px' if size else ''})", size)
     rb = resolve_backbone(spec, arch=arch, random_init=random_init)
     if image_size:
         rb.image_size = image_size
@@ -372,6 +362,7 @@ def write_feature_shards(
     progress: bool = True,
     device: str | torch.device | None = None,
     overwrite: bool = False,
+    description: str | None = None,
 ) -> dict[str, Any]:
     """Stream features to `out_dir/shard_00000.safetensors`, ... (<= `shard_size` rows each) so a
     large set never has to fit in memory.
@@ -380,6 +371,9 @@ def write_feature_shards(
     `indices` (dataset indices) int64. `labels.safetensors` holds all labels and indices, and
     `manifest.json` (written last, atomically: a folder without it is incomplete) lists feature
     names and dims, row counts, shards, skipped indices and the source backbone.
+
+    `indices` are positions in `dataset` as given (for a `Subset`, positions in the subset).
+    `description` names the data in the manifest (default `repr(dataset)`).
 
     Returns:
         The manifest.
@@ -451,7 +445,7 @@ def write_feature_shards(
         "labels_file": LABELS_FILE,
         "skipped": skipped,
         "source": source,
-        "dataset": repr(dataset),
+        "dataset": description or repr(dataset),
         "transform": repr(transform),
         "n_last_blocks": n_last_blocks,
     }

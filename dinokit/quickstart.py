@@ -1,0 +1,185 @@
+"""`dinokit quickstart`: pretrain with the tiny preset, evaluate, draw, and write `report.md`.
+
+The default data is Fashion-MNIST (Debian package `dataset-fashion-mnist`): pretraining on the
+60k training images without labels, then k-NN and linear probes on the 10k test images for
+three feature extractors: the pretrained teacher, the same architecture at random
+initialisation, and raw pixels. `--data FOLDER` takes any image folder instead; with class
+sub-folders a seeded 80 / 20 split gives the evaluation sets, without them the report has the
+training curves and pictures only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+from dinokit.config import Config, load_config
+from dinokit.data.datasets import FASHION_MNIST_DIR, DatasetError, FashionMNIST, ImageFolderDataset
+from dinokit.eval.commands import split_features
+from dinokit.eval.embed import linear_feature_kinds
+from dinokit.eval.knn import knn_classify
+from dinokit.eval.linear import linear_probe
+from dinokit.train.loop import train
+
+log = logging.getLogger("dinokit.quickstart")
+
+FASHION_MNIST_HELP = (
+    "Fashion-MNIST was not found in {root}. Install it with `apt-get install dataset-fashion-mnist` "
+    "(Debian / Ubuntu), or put the four IDX files (train-images-idx3-ubyte.gz, "
+    "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) in a folder and "
+    "pass --fashion-mnist-root FOLDER, or run on your own images with --data FOLDER."
+)
+KNN_KS = (10, 20, 100, 200)
+
+
+def _datasets(data: Path | None, fmnist_root: Path) -> tuple[str, Dataset | None, Dataset | None, str]:
+    """(training data spec for `dinokit train`, eval train set, eval test set, description)."""
+    if data is None:
+        if not (fmnist_root / "train-images-idx3-ubyte.gz").is_file():
+            raise DatasetError(FASHION_MNIST_HELP.format(root=fmnist_root))
+        return (str(fmnist_root), FashionMNIST(fmnist_root, "train"), FashionMNIST(fmnist_root, "test"),
+                "Fashion-MNIST (60,000 training images without labels; evaluation on the 10,000 test images)")
+    folder = ImageFolderDataset(data)
+    if not folder.classes:
+        return str(data), None, None, f"{data} ({len(folder)} images, no class sub-folders: no evaluation)"
+    order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(0)).tolist()
+    cut = int(0.8 * len(order))
+    return (str(data), Subset(folder, sorted(order[:cut])), Subset(folder, sorted(order[cut:])),
+            f"{data} ({len(folder)} images, {len(folder.classes)} classes; evaluation: seeded 80/20 split)")
+
+
+def quickstart_config(train_spec: str, fashion_mnist: bool, steps: int | None, preset: str,
+                      overrides: list[str]) -> Config:
+    items = [f"data.path={train_spec}"]
+    if fashion_mnist:
+        items += ["data.dataset=fashion_mnist",
+                  # Online k-NN on a small subsample every 100 steps, for the curves.
+                  "eval.knn_every=100", f"eval.knn_train=fashion_mnist:{train_spec}",
+                  f"eval.knn_val=fashion_mnist:{train_spec}", "eval.knn_train_size=5000", "eval.knn_val_size=1000"]
+    if steps is not None:
+        items.append(f"train.max_steps={steps}")
+    return load_config(preset, items + overrides)
+
+
+def _evaluate(name: str, backbone: Any, train_set: Dataset, test_set: Dataset, depth: int, **kw: Any) -> dict:
+    t0 = time.time()
+    kinds = ["cls"] if name == "raw pixels" else ["cls", *linear_feature_kinds(depth)]
+    tr, te, info = split_features(backbone, train_set, test_set, kinds, progress=False, **kw)
+    knn = knn_classify(tr.features["cls"], tr.labels, te.features["cls"], te.labels, ks=KNN_KS)
+    linear_kinds = [k for k in tr.features if k != "cls"] or ["cls"]
+    lin = linear_probe({k: tr.features[k] for k in linear_kinds}, tr.labels,
+                       {k: te.features[k] for k in linear_kinds}, te.labels, epochs=10)
+    return {"name": name, "backbone": info["backbone"], "knn": {str(k): v for k, v in knn.items()},
+            "linear": lin["best"], "n_train": len(tr.labels), "n_test": len(te.labels),
+            "seconds": round(time.time() - t0, 1)}
+
+
+def _pictures(run_dir: Path, out: Path, test_set: Dataset | None, train_spec: str) -> list[str]:
+    from dinokit.checkpoint.resolve import resolve_backbone
+    from dinokit.viz.attention import attention_maps, attention_picture, prepare_image
+    from dinokit.viz.curves import plot_curves
+    from dinokit.viz.pca import pca_picture
+
+    made = [plot_curves(run_dir, out / "curves.png").name]
+    resolved = resolve_backbone(run_dir)
+    source = test_set if test_set is not None else ImageFolderDataset(train_spec)
+    images = []
+    for i in range(len(source)):  # type: ignore[arg-type]
+        item = source[i]
+        if item is not None:
+            images.append(item[0])
+        if len(images) == 6:
+            break
+    size = max(resolved.image_size, 4 * resolved.model.patch_size)
+    # Small images are drawn larger: 28 px -> 112 px input, as the model saw crops of 28 px.
+    for k, image in enumerate(images[:3]):
+        shown, x = prepare_image(image.resize((size, size)), resolved.model.patch_size, size)
+        attention_picture(shown, attention_maps(resolved.model, x), out / f"attention_{k}.png")
+        made.append(f"attention_{k}.png")
+    pca_picture(resolved.model, [im.resize((size, size)) for im in images], out / "pca.png", size=size)
+    made.append("pca.png")
+    return made
+
+
+def run_quickstart(out: Path, data: Path | None = None, fmnist_root: Path = Path(FASHION_MNIST_DIR),
+                   steps: int | None = None, preset: str = "tiny", overrides: list[str] | None = None) -> Path:
+    """Run everything and return the path of `report.md`."""
+    t_start = time.time()
+    train_spec, eval_train, eval_test, description = _datasets(data, fmnist_root)
+    cfg = quickstart_config(train_spec, data is None, steps, preset, list(overrides or []))
+    run_dir = out / "run"
+    out.mkdir(parents=True, exist_ok=True)
+    log.info("pretraining %s steps on %s", cfg.run_steps, description)
+    t0 = time.time()
+    result = train(cfg, run_dir)
+    train_seconds = time.time() - t0
+
+    evaluations = []
+    if eval_train is not None and eval_test is not None:
+        depth = cfg.model.depth or 12
+        for name, backbone, kw in (
+            ("dinokit pretrained (teacher)", str(run_dir), {}),
+            ("same architecture, random init", str(run_dir), {"random_init": True}),
+            ("raw pixels", "pixels", {}),
+        ):
+            # Whole images at the training crop size (no 256/224 centre crop: small images
+            # fill their frame).
+            kw = {**kw, "resize": cfg.crops.global_size, "crop": cfg.crops.global_size}
+            log.info("evaluating %s", name)
+            evaluations.append(_evaluate(name, backbone, eval_train, eval_test, depth, **kw))
+    pictures = _pictures(run_dir, out, eval_test, train_spec)
+    (out / "results.json").write_text(json.dumps({"evaluations": evaluations, "steps": result.steps_done,
+                                                  "train_seconds": round(train_seconds, 1)}, indent=2))
+    report = out / "report.md"
+    report.write_text(_report(cfg, description, result.steps_done, train_seconds, result.skipped_images,
+                              evaluations, pictures, time.time() - t_start))
+    return report
+
+
+def _pct(x: float) -> str:
+    return f"{x:.2f}"
+
+
+def _report(cfg: Config, description: str, steps: int, train_seconds: float, skipped: int,
+            evaluations: list[dict], pictures: list[str], total_seconds: float) -> str:
+    m = cfg.model
+    lines = [
+        "# dinokit quickstart report",
+        "",
+        f"- data: {description}",
+        f"- model: ViT {m.embed_dim or ''}-wide, {m.depth} blocks, {m.num_heads} heads, patch {m.patch_size}; "
+        f"{cfg.crops.global_size} px global crops, {cfg.crops.local_number} x {cfg.crops.local_size} px local crops; "
+        f"{cfg.head.out_dim} prototypes; loss mode {cfg.loss.mode} ({cfg.loss.centering})",
+        f"- pretraining: {steps} steps of batch {cfg.optim.batch_size} in {train_seconds / 60:.1f} min "
+        f"({steps * cfg.optim.batch_size / max(train_seconds, 1e-9):.0f} images/s); {skipped} images skipped",
+        f"- total time: {total_seconds / 60:.1f} min on {torch.get_num_threads()} threads",
+        "",
+    ]
+    if evaluations:
+        lines += [
+            "## Evaluation",
+            "",
+            "k-NN: cosine similarity of the [CLS] token, votes weighted by exp(sim / 0.07). Linear: frozen features, "
+            "the official feature sets x a learning-rate grid, chosen on 10 % of the training set, reported on test.",
+            "",
+            "| features | k-NN top-1 (k=10) | k-NN top-1 (k=20) | k-NN top-1 (k=200) | linear top-1 | linear feature |",
+            "|---|---|---|---|---|---|",
+        ]
+        for e in evaluations:
+            knn = e["knn"]
+            lines.append(
+                f"| {e['name']} | {_pct(knn['10']['top1'])} | {_pct(knn['20']['top1'])} | {_pct(knn['200']['top1'])} "
+                f"| {_pct(e['linear']['test_top1'])} | {e['linear']['feature']} (lr {e['linear']['lr']:.3g}) |"
+            )
+        lines += ["", f"Training set {evaluations[0]['n_train']} images, test set {evaluations[0]['n_test']} images.", ""]
+    lines += ["## Pictures", ""]
+    for name in pictures:
+        lines += [f"![{name}]({name})", ""]
+    lines += ["Reproduce: `dinokit quickstart` (see README). Raw numbers: `results.json`; run folder: `run/`.", ""]
+    return "\n".join(lines)
