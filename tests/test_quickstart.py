@@ -1,0 +1,49 @@
+"""`dinokit quickstart` end to end on generated labeled images (a few steps), and its errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dinokit.cli import main
+
+SMALL = [
+    "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "head.out_dim=64", "head.hidden_dim=32",
+    "head.bottleneck_dim=16", "crops.local_number=2", "optim.batch_size=8", "optim.epoch_length=10",
+    "optim.epochs=2", "data.num_workers=0",
+]
+
+
+def _labeled_folder(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for label, value in (("dark", 30), ("bright", 220)):
+        (root / label).mkdir(parents=True)
+        for i in range(10):
+            img = np.clip(rng.normal(value, 20, size=(28, 28, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / label / f"{i}.png")
+    return root
+
+
+def test_quickstart_on_an_image_folder_writes_the_report(tmp_path: Path, capsys) -> None:
+    data = _labeled_folder(tmp_path / "data")
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--data", str(data), "--out", str(out), "--steps", "2", *SMALL]) == 0
+    report = (out / "report.md").read_text()
+    for row in ("dinokit pretrained (teacher)", "same architecture, random init", "raw pixels"):
+        assert f"| {row} |" in report
+    for picture in ("curves.png", "pca.png", "attention_0.png"):
+        assert (out / picture).is_file() and f"]({picture})" in report
+    results = json.loads((out / "results.json").read_text())
+    assert [e["name"] for e in results["evaluations"]][2] == "raw pixels"
+    # Bright vs dark images: raw pixels separate them perfectly on the held-out 20 %.
+    assert results["evaluations"][2]["knn"]["10"]["top1"] == 100.0
+    assert results["evaluations"][0]["n_test"] == 4 and results["steps"] == 2
+
+
+def test_quickstart_without_fashion_mnist_says_how_to_get_it(tmp_path: Path, capsys) -> None:
+    assert main(["quickstart", "--fashion-mnist-root", str(tmp_path / "none"), "--out", str(tmp_path / "qs")]) == 2
+    err = capsys.readouterr().err
+    assert "apt-get install dataset-fashion-mnist" in err and "--data" in err
