@@ -44,6 +44,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import logging
 
+    from dinokit.checkpoint import CheckpointError
     from dinokit.config import ConfigError, load_config
     from dinokit.data.datasets import DatasetError
     from dinokit.train.loop import NonFiniteLossError, train
@@ -52,7 +53,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.preset, [f"data.path={args.data}", *args.overrides])
         result = train(cfg, args.out)
-    except (ConfigError, DatasetError) as exc:
+    except (ConfigError, DatasetError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteLossError as exc:
@@ -66,6 +67,7 @@ def _train(args: argparse.Namespace) -> int:
 def _quickstart(args: argparse.Namespace) -> int:
     import logging
 
+    from dinokit.checkpoint import CheckpointError
     from dinokit.config import ConfigError
     from dinokit.data.datasets import DatasetError
     from dinokit.quickstart import run_quickstart
@@ -74,7 +76,7 @@ def _quickstart(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         report = run_quickstart(args.out, args.data, args.fashion_mnist_root, args.steps, args.preset, args.overrides)
-    except (ConfigError, DatasetError, NonFiniteLossError) as exc:
+    except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(report.read_text())

@@ -9,7 +9,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dinokit.checkpoint import CheckpointError, backbone_state_dict, head_state_dicts, load_backbone
+from dinokit.checkpoint import (
+    CheckpointError,
+    backbone_state_dict,
+    head_state_dicts,
+    load_backbone,
+)
 from dinokit.models import build_official, vit_args
 
 

@@ -2,42 +2,29 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_case_passes, reference_cases
 from torch import nn
 
 from dinokit.models.dino_head import DINOHead, remap_head_keys
-from dinokit.reference.core import CaseContext, load_case, unchecked_outputs
+from dinokit.reference.core import load_case
 from dinokit.reference.kinds_heads_losses import RUNNERS
 
 
-def _cases(folder: Path, kind: str) -> list[dict]:
-    cases = [c for c in json.loads((folder / "manifest.json").read_text())["cases"] if c["kind"] == kind]
-    if not cases:
-        pytest.skip(f"no '{kind}' case in {folder}")
-    return cases
-
-
-def _assert_all_ok(ctx: CaseContext) -> None:
-    bad = [c for c in ctx.comparisons if not c.ok]
-    assert not bad, bad
-    assert unchecked_outputs(ctx) == []
-
-
-def test_reference_dino_head_cases(reference_dir: Path) -> None:
-    for case in _cases(reference_dir, "dino_head"):
+def test_reference_dino_headreference_cases(reference_dir: Path) -> None:
+    for case in reference_cases(reference_dir, "dino_head"):
         ctx = load_case(reference_dir, case)
         RUNNERS["dino_head"](ctx)
-        _assert_all_ok(ctx)
+        assert_case_passes(ctx)
         assert "out.y" in ctx.compared
 
 
 def test_state_dict_keys_match_official_order_and_shapes(reference_dir: Path) -> None:
-    for case in _cases(reference_dir, "dino_head"):
+    for case in reference_cases(reference_dir, "dino_head"):
         head = DINOHead(**case["constructor"]["kwargs"])
         expected = case["weights"]["state_dict_keys_in_order"]
         actual = {k: list(v.shape) for k, v in head.state_dict().items()}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 from typing import Iterator
@@ -12,37 +11,31 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from helpers import assert_case_passes, reference_cases
 
-from dinokit.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss, pairwise_nearest_neighbours, sinkhorn_knopp
-from dinokit.reference.core import CaseContext, load_case, unchecked_outputs
+from dinokit.losses import (
+    DINOLoss,
+    KoLeoLoss,
+    iBOTPatchLoss,
+    pairwise_nearest_neighbours,
+    sinkhorn_knopp,
+)
+from dinokit.reference.core import load_case
 from dinokit.reference.kinds_heads_losses import RUNNERS
 
 
-def _cases(folder: Path, kind: str) -> list[dict]:
-    cases = [c for c in json.loads((folder / "manifest.json").read_text())["cases"] if c["kind"] == kind]
-    if not cases:
-        pytest.skip(f"no '{kind}' case in {folder}")
-    return cases
-
-
-def _assert_all_ok(ctx: CaseContext) -> None:
-    bad = [c for c in ctx.comparisons if not c.ok]
-    assert not bad, bad
-    assert unchecked_outputs(ctx) == []
-
-
 @pytest.mark.parametrize("kind", ["dino_loss", "ibot_loss", "koleo_loss"])
-def test_reference_cases(reference_dir: Path, kind: str) -> None:
-    for case in _cases(reference_dir, kind):
+def test_referencereference_cases(reference_dir: Path, kind: str) -> None:
+    for case in reference_cases(reference_dir, kind):
         ctx = load_case(reference_dir, case)
         RUNNERS[kind](ctx)
-        _assert_all_ok(ctx)
+        assert_case_passes(ctx)
         assert ctx.comparisons
 
 
 def test_runner_detects_a_wrong_temperature(reference_dir: Path) -> None:
     """The parity check is not vacuous: a student temperature of 0.2 must fail the loss outputs."""
-    case = copy.deepcopy(_cases(reference_dir, "dino_loss")[0])
+    case = copy.deepcopy(reference_cases(reference_dir, "dino_loss")[0])
     case["constructor"]["kwargs"]["student_temp"] = 0.2
     ctx = load_case(reference_dir, case)
     RUNNERS["dino_loss"](ctx)
@@ -98,7 +91,6 @@ def test_sinkhorn_rows_sum_to_one_and_large_logits_stay_finite() -> None:
     logits = torch.randn(10, 32)
     q = loss_fn.sinkhorn_knopp_teacher(logits, 0.07)
     torch.testing.assert_close(q.sum(-1), torch.ones(10))
-
 
 
 def _sinkhorn_float64(x: torch.Tensor, temp: float, n_iterations: int = 3) -> torch.Tensor:

@@ -3,36 +3,23 @@
 from __future__ import annotations
 
 import copy
-import json
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import assert_case_passes, reference_cases
 
 from dinokit.data.masking import MaskingGenerator, official_max_num_patches
-from dinokit.reference.core import CaseContext, load_case, unchecked_outputs
+from dinokit.reference.core import load_case, unchecked_outputs
 from dinokit.reference.kinds_data_schedules import RUNNERS
 
 
-def _cases(folder: Path, kind: str) -> list[dict]:
-    cases = [c for c in json.loads((folder / "manifest.json").read_text())["cases"] if c["kind"] == kind]
-    if not cases:
-        pytest.skip(f"no '{kind}' case in {folder}")
-    return cases
-
-
-def _assert_all_ok(ctx: CaseContext) -> None:
-    bad = [c for c in ctx.comparisons if not c.ok]
-    assert not bad, bad
-    assert unchecked_outputs(ctx) == []
-
-
-def test_reference_masking_cases(reference_dir: Path) -> None:
-    for case in _cases(reference_dir, "masking"):
+def test_reference_maskingreference_cases(reference_dir: Path) -> None:
+    for case in reference_cases(reference_dir, "masking"):
         ctx = load_case(reference_dir, case)
         RUNNERS["masking"](ctx)
-        _assert_all_ok(ctx)
+        assert_case_passes(ctx)
         # The shared set is regenerated draw for draw, so the histograms are compared exactly
         # (max error 0), not only statistically.
         assert all(c.max_abs_err == 0.0 for c in ctx.comparisons)
@@ -40,7 +27,7 @@ def test_reference_masking_cases(reference_dir: Path) -> None:
 
 def test_statistical_fallback_with_other_seed(reference_dir: Path) -> None:
     """Another seed: first draws differ, statistics still agree within Monte-Carlo noise."""
-    case = copy.deepcopy(_cases(reference_dir, "masking")[0])
+    case = copy.deepcopy(reference_cases(reference_dir, "masking")[0])
     for cfg in case["configs"]:
         cfg["python_random_seed"] += 1000
     ctx = load_case(reference_dir, case)
@@ -56,7 +43,7 @@ def test_statistical_fallback_with_other_seed(reference_dir: Path) -> None:
 
 def test_statistical_check_catches_wrong_aspect(reference_dir: Path) -> None:
     """Nearly square rectangles only: the mean mask no longer matches the reference."""
-    case = copy.deepcopy(_cases(reference_dir, "masking")[0])
+    case = copy.deepcopy(reference_cases(reference_dir, "masking")[0])
     for cfg in case["configs"]:
         cfg["python_random_seed"] += 1000
         cfg["ctor"]["min_aspect"] = 0.95
@@ -108,7 +95,7 @@ def test_official_max_num_patches_quirk() -> None:
 
 
 def test_official_max_num_patches_matches_manifest(reference_dir: Path) -> None:
-    for case in _cases(reference_dir, "masking"):
+    for case in reference_cases(reference_dir, "masking"):
         for key, value in case.get("max_num_patches_quirk", {}).get("values", {}).items():
             img, patch = (int(x) for x in key.split("/"))
             assert official_max_num_patches(img, patch) == value

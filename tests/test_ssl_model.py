@@ -9,7 +9,13 @@ import torch
 from dinokit.data.collate import collate_data_and_cast
 from dinokit.data.masking import MaskingGenerator
 from dinokit.models import vit_args
-from dinokit.train.ssl_model import HeadArgs, LossArgs, SSLModel, collapse_reasons, health_signals
+from dinokit.train.ssl_model import (
+    HeadArgs,
+    LossArgs,
+    SSLModel,
+    collapse_reasons,
+    health_signals,
+)
 
 
 def _batch(n_images: int = 4, n_local: int = 2) -> dict:

@@ -14,10 +14,22 @@ from PIL import Image
 from torch import Tensor, nn
 
 from dinokit.models.builders import vit_args
-from dinokit.viz.attention import attention_maps, attention_picture, panel_size, prepare_image, threshold_masks
+from dinokit.viz.attention import (
+    attention_maps,
+    attention_picture,
+    panel_size,
+    prepare_image,
+    threshold_masks,
+)
 from dinokit.viz.commands import add_commands
 from dinokit.viz.curves import load_records, plot_curves
-from dinokit.viz.pca import foreground_mask, pca_features, pca_image, pca_picture, pca_rgb
+from dinokit.viz.pca import (
+    foreground_mask,
+    pca_features,
+    pca_image,
+    pca_picture,
+    pca_rgb,
+)
 
 R = 2  # register tokens of the tiny model
 

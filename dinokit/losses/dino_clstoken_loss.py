@@ -16,12 +16,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dinokit.losses.centering import DeferredCenter
 from dinokit.losses.sinkhorn import distributed_ready, sinkhorn_knopp
 
 __all__ = ["DINOLoss"]
 
 
-class DINOLoss(nn.Module):
+class DINOLoss(DeferredCenter, nn.Module):
     """Cross-entropy between teacher targets and student predictions, with teacher centering.
 
     The center update is deferred, as in the official code, so that its all_reduce overlaps with
@@ -52,11 +53,7 @@ class DINOLoss(nn.Module):
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
-        # Pending (not yet applied) center update.
-        self.updated = True
-        self.reduce_handle: dist.Work | None = None
-        self.len_teacher_output: int | None = None
-        self.async_batch_center: Tensor | None = None
+        self._init_center_state()
 
     @torch.no_grad()
     def softmax_center_teacher(self, teacher_output: Tensor, teacher_temp: float) -> Tensor:
@@ -119,24 +116,5 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_output: Tensor) -> None:
         """Record the batch sum of `teacher_output` (n, K) and start its all_reduce (deferred)."""
-        self.updated = False
-        self.len_teacher_output = len(teacher_output)
         # float32 accumulation: under autocast the head output may be fp16.
-        self.async_batch_center = torch.sum(teacher_output.float(), dim=0, keepdim=True)
-        self.reduce_handle = None
-        if distributed_ready():
-            self.reduce_handle = dist.all_reduce(self.async_batch_center, async_op=True)
-
-    @torch.no_grad()
-    def apply_center_update(self) -> None:
-        """Fold a pending update into `center`: `m * c + (1 - m) * sum / (n * world_size)`."""
-        if self.updated:
-            return
-        assert self.async_batch_center is not None and self.len_teacher_output is not None
-        world_size = dist.get_world_size() if distributed_ready() else 1
-        if self.reduce_handle is not None:
-            self.reduce_handle.wait()
-            self.reduce_handle = None
-        batch_center = self.async_batch_center / (self.len_teacher_output * world_size)
-        self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
-        self.updated = True
+        self._record_center(torch.sum(teacher_output.float(), dim=0, keepdim=True), len(teacher_output))

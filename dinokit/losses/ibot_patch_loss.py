@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dinokit.losses.centering import DeferredCenter
 from dinokit.losses.sinkhorn import distributed_ready, sinkhorn_knopp
 
 __all__ = ["iBOTPatchLoss"]
@@ -23,7 +24,7 @@ def _cross_entropy_terms(t: Tensor, s: Tensor, temp: float) -> Tensor:
     return torch.sum(t * F.log_softmax(s / temp, dim=-1), dim=-1)
 
 
-class iBOTPatchLoss(nn.Module):
+class iBOTPatchLoss(DeferredCenter, nn.Module):
     """Masked-patch cross-entropy with centering (iBOT) or Sinkhorn-Knopp (DINOv2) teacher targets.
 
     Center handling is deferred exactly as in `DINOLoss`; the center is the mean over images of the
@@ -52,10 +53,7 @@ class iBOTPatchLoss(nn.Module):
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, 1, patch_out_dim))
-        self.updated = True
-        self.reduce_handle: dist.Work | None = None
-        self.len_teacher_patch_tokens: int | None = None
-        self.async_batch_center: Tensor | None = None
+        self._init_center_state()
 
     @torch.no_grad()
     def softmax_center_teacher(self, teacher_patch_tokens: Tensor, teacher_temp: float) -> Tensor:
@@ -154,24 +152,5 @@ class iBOTPatchLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_patch_tokens: Tensor) -> None:
         """Record `sum_b mean_n t[b, n]` of (B, N, K) teacher outputs and start its all_reduce."""
-        self.updated = False
-        self.len_teacher_patch_tokens = len(teacher_patch_tokens)
-        self.async_batch_center = torch.sum(teacher_patch_tokens.float().mean(1), dim=0, keepdim=True)
-        self.reduce_handle = None
-        if distributed_ready():
-            self.reduce_handle = dist.all_reduce(self.async_batch_center, async_op=True)
-
-    @torch.no_grad()
-    def apply_center_update(self) -> None:
-        """Fold a pending update into `center`: `m * c + (1 - m) * sum / (B * world_size)`."""
-        if self.updated:
-            return
-        assert self.async_batch_center is not None and self.len_teacher_patch_tokens is not None
-        world_size = dist.get_world_size() if distributed_ready() else 1
-        if self.reduce_handle is not None:
-            self.reduce_handle.wait()
-            self.reduce_handle = None
-        batch_center = self.async_batch_center / (self.len_teacher_patch_tokens * world_size)
-        # (1, K) broadcast into the (1, 1, K) buffer.
-        self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
-        self.updated = True
+        batch_sum = torch.sum(teacher_patch_tokens.float().mean(1), dim=0, keepdim=True)  # (1, K)
+        self._record_center(batch_sum, len(teacher_patch_tokens))  # broadcast into the (1, 1, K) buffer
