@@ -109,9 +109,10 @@ def test_coercions() -> None:
 
 def test_base_is_kept_and_not_mutated() -> None:
     base = load_preset("tiny")
-    cfg = config_from_dict({"optim": {"epochs": 3}}, base=base)
-    assert cfg.optim.epochs == 3 and cfg.model.embed_dim == base.model.embed_dim
-    assert base.optim.epochs == 10
+    epochs = base.optim.epochs
+    cfg = config_from_dict({"optim": {"epochs": epochs + 3}}, base=base)
+    assert cfg.optim.epochs == epochs + 3 and cfg.model.embed_dim == base.model.embed_dim
+    assert base.optim.epochs == epochs
 
 
 def test_overrides_parse_yaml_values() -> None:
