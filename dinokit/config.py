@@ -86,13 +86,20 @@ class DataConfig:
 
 @dataclass
 class CropsConfig:
-    """Multi-crop: 2 global crops and `local_number` local crops (sizes in pixels)."""
+    """Multi-crop: 2 global crops and `local_number` local crops (sizes in pixels), and the
+    probabilities of the photometric augmentations (SPEC §3 values). `blur_p` is (global crop 1,
+    global crop 2, local crops); solarisation applies to global crop 2 only."""
 
     global_size: int = 224
     local_size: int = 98
     local_number: int = 8
     global_scale: tuple[float, float] = (0.32, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.32)
+    flip_p: float = 0.5
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
+    solarize_p: float = 0.2
 
 
 @dataclass
@@ -622,6 +629,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     need(tr.log_every >= 1, f"train.log_every must be >= 1, got {tr.log_every}")
     need(ck.every >= 1, f"checkpoint.every must be >= 1, got {ck.every}")
     need(ck.keep >= 1, f"checkpoint.keep must be >= 1, got {ck.keep}")
+    for name in ("flip_p", "color_jitter_p", "grayscale_p", "solarize_p"):
+        need(0.0 <= getattr(c, name) <= 1.0, f"crops.{name} must be in [0, 1], got {getattr(c, name)}")
+    need(all(0.0 <= p <= 1.0 for p in c.blur_p), f"crops.blur_p values must be in [0, 1], got {c.blur_p}")
     ev = cfg.eval
     need(ev.knn_every >= 0, f"eval.knn_every must be >= 0 (0 = off), got {ev.knn_every}")
     need(ev.knn_every == 0 or bool(ev.knn_val), "eval.knn_val must name a labeled validation set when eval.knn_every > 0")

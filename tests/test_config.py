@@ -241,3 +241,12 @@ def test_schedule_args_scale_the_lr() -> None:
     assert schedule_args(cfg)["lr"] == pytest.approx(0.004 * (64 / 1024) ** 0.5)
     v1 = load_preset("dino_vits16")
     assert schedule_args(v1)["lr"] == pytest.approx(0.0005 * 512 / 256)
+
+
+def test_augmentation_probabilities_are_validated() -> None:
+    cfg = load_config("tiny", ["crops.blur_p=[0.5, 0.1, 0.2]", "crops.solarize_p=0"])
+    assert cfg.crops.blur_p == (0.5, 0.1, 0.2) and cfg.crops.solarize_p == 0.0
+    with pytest.raises(ConfigError, match="crops.blur_p"):
+        load_config("tiny", ["crops.blur_p=[0.5, 2, 0.2]"])
+    with pytest.raises(ConfigError, match="crops.blur_p"):
+        load_config("tiny", ["crops.blur_p=[0.5, 0.2]"])

@@ -110,6 +110,11 @@ def build_loader(cfg: Config, dataset: Any, start_index: int) -> Iterator[dict[s
         global_crops_scale=tuple(c.global_scale),
         local_crops_scale=tuple(c.local_scale),
         local_crops_number=c.local_number,
+        flip_p=c.flip_p,
+        color_jitter_p=c.color_jitter_p,
+        grayscale_p=c.grayscale_p,
+        blur_p=tuple(c.blur_p),
+        solarize_p=c.solarize_p,
     )
     grid = c.global_size // cfg.model.patch_size
     # Rectangles up to half the grid; the official value has an operator-precedence quirk
