@@ -6,11 +6,11 @@ import random
 
 import torch
 
+from dinokit.config import HeadConfig
 from dinokit.data.collate import collate_data_and_cast
 from dinokit.data.masking import MaskingGenerator
 from dinokit.models import vit_args
 from dinokit.train.ssl_model import (
-    HeadArgs,
     LossArgs,
     SSLModel,
     collapse_reasons,
@@ -31,7 +31,7 @@ def _batch(n_images: int = 4, n_local: int = 2) -> dict:
 def _model(**loss) -> SSLModel:
     torch.manual_seed(0)
     backbone = vit_args("vit_small", embed_dim=32, depth=2, num_heads=2, patch_size=4, img_size=16).build()
-    return SSLModel(backbone, HeadArgs(64, 32, 16), HeadArgs(48, 32, 16), LossArgs(**loss))
+    return SSLModel(backbone, HeadConfig(64, 32, 16), HeadConfig(48, 32, 16), LossArgs(**loss))
 
 
 def test_dino_terms_average_over_all_cross_view_pairs() -> None:

@@ -32,7 +32,14 @@ from dinokit.checkpoint.training import (
     save_checkpoint,
     set_rng_state,
 )
-from dinokit.config import Config, ConfigError, config_from_dict, config_to_dict, schedule_args, vit_args_from_config
+from dinokit.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    schedule_args,
+    vit_args_from_config,
+)
 from dinokit.data.datasets import FashionMNIST, FileListDataset, ImageFolderDataset
 from dinokit.data.loader import make_train_loader
 from dinokit.data.masking import MaskingGenerator
@@ -41,7 +48,7 @@ from dinokit.train.metrics import MetricsLog
 from dinokit.train.online_knn import OnlineKNN
 from dinokit.train.optim import apply_schedule, build_optimizer
 from dinokit.train.schedules import build_schedules
-from dinokit.train.ssl_model import HeadArgs, LossArgs, SSLModel, collapse_reasons, health_signals
+from dinokit.train.ssl_model import LossArgs, SSLModel, collapse_reasons, health_signals
 
 log = logging.getLogger("dinokit.train")
 
@@ -82,13 +89,10 @@ def build_dataset(cfg: Config) -> Any:
 
 def build_model(cfg: Config) -> SSLModel:
     v1 = cfg.loss.mode == "dino"
-    head = cfg.head
-    ibot = cfg.loss.ibot_head
     return SSLModel(
         vit_args_from_config(cfg.model, use_mask_token=not v1).build(),
-        HeadArgs(head.out_dim, head.hidden_dim, head.bottleneck_dim, head.nlayers, head.norm_last_layer),
-        HeadArgs(ibot.out_dim, ibot.hidden_dim, ibot.bottleneck_dim, ibot.nlayers, ibot.norm_last_layer)
-        if cfg.loss.separate_ibot_head else None,
+        cfg.head,
+        cfg.loss.ibot_head if cfg.loss.separate_ibot_head else None,
         LossArgs(
             dino_weight=cfg.loss.dino_weight,
             ibot_weight=cfg.loss.ibot_weight,

@@ -56,11 +56,15 @@ class MetricsLog:
             self._tb.close()
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """All records of a run's metrics.jsonl."""
-    path = Path(run_dir) / "metrics.jsonl"
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All records of a run's metrics.jsonl (a run folder, or the .jsonl file itself)."""
+    path = Path(run_dir)
+    if path.is_dir() or path.suffix != ".jsonl":
+        path = path / "metrics.jsonl"
     records = []
     for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:

@@ -21,24 +21,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dinokit.config import HeadConfig
 from dinokit.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinokit.models.dino_head import DINOHead
 from dinokit.models.vision_transformer import VisionTransformer
 
 
-@dataclass(frozen=True)
-class HeadArgs:
-    """Projection head sizes (SPEC §2)."""
-
-    out_dim: int = 65536
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    nlayers: int = 3
-    norm_last_layer: bool = False  # DINOv2 trains weight_g; DINO v1 freezes it at 1
-
-    def build(self, in_dim: int) -> DINOHead:
-        return DINOHead(in_dim, self.out_dim, nlayers=self.nlayers, hidden_dim=self.hidden_dim,
-                        bottleneck_dim=self.bottleneck_dim, norm_last_layer=self.norm_last_layer)
+def build_head(head: HeadConfig, in_dim: int) -> DINOHead:
+    """A projection head of the configured sizes (SPEC §2) on `in_dim` features."""
+    return DINOHead(in_dim, head.out_dim, nlayers=head.nlayers, hidden_dim=head.hidden_dim,
+                    bottleneck_dim=head.bottleneck_dim, norm_last_layer=head.norm_last_layer)
 
 
 @dataclass(frozen=True)
@@ -68,8 +60,8 @@ class SSLModel(nn.Module):
 
     Args:
         backbone: the student backbone; the teacher is a copy without stochastic depth.
-        dino_head: head args of the [CLS] head.
-        ibot_head: head args of a separate ("untied") iBOT head, or None to share the DINO head.
+        dino_head: sizes of the [CLS] head.
+        ibot_head: sizes of a separate ("untied") iBOT head, or None to share the DINO head.
         loss: loss configuration.
 
     Batch (from `collate_data_and_cast`): `collated_global_crops` (2B, C, H, W) crop-major,
@@ -80,8 +72,8 @@ class SSLModel(nn.Module):
     def __init__(
         self,
         backbone: VisionTransformer,
-        dino_head: HeadArgs,
-        ibot_head: HeadArgs | None,
+        dino_head: HeadConfig,
+        ibot_head: HeadConfig | None,
         loss: LossArgs,
     ) -> None:
         super().__init__()
@@ -89,9 +81,9 @@ class SSLModel(nn.Module):
             raise ValueError(f"loss.centering must be 'sinkhorn_knopp' or 'centering', not {loss.centering!r}")
         self.loss_args = loss
         dim = backbone.embed_dim
-        student = {"backbone": backbone, "dino_head": dino_head.build(dim)}
+        student = {"backbone": backbone, "dino_head": build_head(dino_head, dim)}
         if loss.use_ibot and ibot_head is not None:
-            student["ibot_head"] = ibot_head.build(dim)
+            student["ibot_head"] = build_head(ibot_head, dim)
         self.student = nn.ModuleDict(student)
         self.teacher = copy.deepcopy(self.student)
         for block in self.teacher["backbone"].blocks:

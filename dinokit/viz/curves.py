@@ -10,10 +10,11 @@ Needs matplotlib (a bare `Figure`, rendered by Agg: works without a display).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
+
+from dinokit.train.metrics import read_metrics
 
 Record = dict[str, Any]
 
@@ -52,14 +53,7 @@ def load_records(run_dir: str | Path) -> list[Record]:
         path = path / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"{path} does not exist: is {path.parent} a dinokit run folder that has trained a step?")
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+    records = read_metrics(path)
     if not records:
         raise ValueError(f"{path} holds no metric records")
     return records
