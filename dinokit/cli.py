@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -59,8 +60,9 @@ def _train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    print(f"done: {result.steps_done} steps, loss {result.final_loss:.4f}, "
-          f"{result.skipped_images} images skipped; teacher backbone in {args.out}/teacher_backbone.safetensors")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        print(f"done: {result.steps_done} steps, loss {result.final_loss:.4f}, "
+              f"{result.skipped_images} images skipped; teacher backbone in {args.out}/teacher_backbone.safetensors")
     return 0
 
 

@@ -45,9 +45,9 @@ def test_state_dict_round_trip() -> None:
     it = iter(s)
     first = [next(it) for _ in range(8)]
     state = s.state_dict()
-    assert (state["consumed"], state["epoch"], state["offset"]) == (8, 1, 3)
+    assert (state["consumed"], state["epoch"], state["offset"]) == (8, 1, 7)  # global position 8 * 2 + 1
     s2 = ResumableRandomSampler(10, seed=5, rank=1, world_size=2)
-    s2.load_state_dict({"epoch": 1, "offset": 3})
+    s2.load_state_dict({"consumed": 8})
     assert first + _take(s2, 12) == full
     with pytest.raises(ValueError, match="world_size"):
         ResumableRandomSampler(10, seed=5, world_size=1).load_state_dict(state)
@@ -56,15 +56,18 @@ def test_state_dict_round_trip() -> None:
 @pytest.mark.parametrize("n,world_size", [(10, 2), (11, 3), (2, 4)])
 def test_ranks_are_disjoint_and_cover_each_epoch(n: int, world_size: int) -> None:
     samplers = [ResumableRandomSampler(n, seed=0, rank=r, world_size=world_size) for r in range(world_size)]
-    per_rank = -(-n // world_size)
-    for epoch in range(2):
+    for epoch in range(3):
         parts = [s.epoch_indices(epoch) for s in samplers]
-        assert all(len(p) == per_rank for p in parts)
         flat = [i for p in parts for i in p]
-        assert set(flat) == set(range(n))
-        assert len(flat) - n == per_rank * world_size - n  # only the padding repeats
-        if per_rank * world_size == n:
-            assert len(set(flat)) == n
+        assert sorted(flat) == list(range(n))  # no padding, no repeats
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+@pytest.mark.parametrize("n,world_size", [(10, 2), (11, 3), (2, 4)])
+def test_interleaved_ranks_give_the_single_process_stream(n: int, world_size: int) -> None:
+    single = _take(ResumableRandomSampler(n, seed=2), 6 * world_size)
+    streams = [_take(ResumableRandomSampler(n, seed=2, rank=r, world_size=world_size), 6) for r in range(world_size)]
+    assert [streams[g % world_size][g // world_size] for g in range(6 * world_size)] == single
 
 
 def test_invalid_sampler_arguments() -> None:

@@ -16,7 +16,7 @@ import torch
 
 from dinokit.data.masking import MaskingGenerator, RandomSource
 
-__all__ = ["collate_data_and_cast"]
+__all__ = ["collate_data_and_cast", "draw_masks"]
 
 # A sample as produced by the multi-crop dataset: ({"global_crops": [...], "local_crops": [...]}, target)
 Sample = tuple[dict[str, Sequence[torch.Tensor]], Any]
@@ -38,6 +38,59 @@ def _stack_crop_major(samples_list: Sequence[Sample], key: str) -> torch.Tensor:
     return torch.stack([s[0][key][i] for i in range(n_crops) for s in samples_list])
 
 
+def draw_masks(
+    n_crops: int,
+    n_tokens: int,
+    mask_ratio_tuple: tuple[float, float],
+    mask_probability: float,
+    mask_generator: MaskFn,
+    random_state: random.Random | None = None,
+) -> tuple[torch.Tensor, int]:
+    """The block masks of `n_crops` global crops, drawn exactly as the official collate does.
+
+    `int(n_crops * mask_probability)` crops get a mask; their target ratios are spread over
+    [r_min, r_max] by giving slot i a ratio uniform in [probs[i], probs[i+1]] with
+    `probs = linspace(r_min, r_max, n_masked + 1)`. The other crops get an empty mask. The list is
+    then shuffled so masked crops land on random images/views.
+
+    Args:
+        n_crops: number of global crops B.
+        n_tokens: patches per crop N; the generator's grid must have N cells.
+        mask_ratio_tuple, mask_probability, mask_generator, random_state: as in
+            `collate_data_and_cast`.
+
+    Returns:
+        (B, N) bool masks and the upper bound: sum over masked slots of int(N * probs[i+1]).
+    """
+    rng: RandomSource = random_state if random_state is not None else random
+
+    def draw_mask(target: int) -> torch.Tensor:
+        out = mask_generator(target) if random_state is None else mask_generator(target, rng=random_state)
+        return torch.from_numpy(np.asarray(out, dtype=bool))
+
+    n = n_tokens
+    n_samples_masked = int(n_crops * mask_probability)
+    # float32 0-dim tensors on purpose: the official code indexes a torch.linspace, so the ratio
+    # draw and N * ratio are float32 tensor arithmetic; int() then truncates the float32 value.
+    probs = torch.linspace(mask_ratio_tuple[0], mask_ratio_tuple[1], n_samples_masked + 1)
+    upperbound = 0
+    masks_list: list[torch.Tensor] = []
+    for i in range(n_samples_masked):
+        prob_min, prob_max = probs[i], probs[i + 1]
+        masks_list.append(draw_mask(int(n * rng.uniform(prob_min, prob_max))))
+        upperbound += int(n * prob_max)
+    for _ in range(n_samples_masked, n_crops):
+        # Target 0 draws no random numbers; kept as a call for generality of mask_generator.
+        masks_list.append(draw_mask(0))
+
+    rng.shuffle(masks_list)
+
+    masks = torch.stack(masks_list).flatten(1)  # (B, N)
+    if masks.shape[1] != n:
+        raise ValueError(f"mask grid has {masks.shape[1]} patches but n_tokens={n}")
+    return masks, upperbound
+
+
 def collate_data_and_cast(
     samples_list: Sequence[Sample],
     mask_ratio_tuple: tuple[float, float],
@@ -46,13 +99,9 @@ def collate_data_and_cast(
     n_tokens: int | None = None,
     mask_generator: MaskFn | None = None,
     random_state: random.Random | None = None,
+    masks: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """Collate multi-crop samples and draw block masks for the global crops.
-
-    `int(B * mask_probability)` of the B = n_global * n_images global crops get a mask; their
-    target ratios are spread over [r_min, r_max] by giving slot i a ratio uniform in
-    [probs[i], probs[i+1]] with `probs = linspace(r_min, r_max, n_masked + 1)`. The other crops
-    get an empty mask. The list is then shuffled so masked crops land on random images/views.
+    """Collate multi-crop samples and draw block masks for the global crops (see `draw_masks`).
 
     Args:
         samples_list: n_images samples `({"global_crops": [(C,H,W)]*G, "local_crops": [(C,h,w)]*L}, _)`.
@@ -65,6 +114,8 @@ def collate_data_and_cast(
             too, so the whole collate (ratios, masks, shuffle) draws from that single stream in the
             same order as the official code draws from the global one.
         random_state: dedicated stream; None -> the global `random` module (official behaviour).
+        masks: (G * n_images, N) bool masks chosen by the caller (e.g. this rank's rows of masks
+            drawn for the global batch); then nothing is drawn and `upperbound` is their count.
 
     Returns:
         dict with
@@ -76,43 +127,23 @@ def collate_data_and_cast(
         - upperbound: int, sum over masked slots of int(N * probs[i+1]) (float32 product).
         - n_masked_patches: int64 (1,) = [M].
     """
-    if mask_generator is None:
-        raise ValueError("collate_data_and_cast needs a mask_generator (e.g. MaskingGenerator)")
-    rng: RandomSource = random_state if random_state is not None else random
-
-    def draw_mask(target: int) -> torch.Tensor:
-        out = mask_generator(target) if random_state is None else mask_generator(target, rng=random_state)
-        return torch.from_numpy(np.asarray(out, dtype=bool))
-
     collated_global_crops = _stack_crop_major(samples_list, "global_crops")
     collated_local_crops = _stack_crop_major(samples_list, "local_crops")
 
-    if n_tokens is None:
-        if not isinstance(mask_generator, MaskingGenerator):
-            raise ValueError("n_tokens is required when mask_generator is not a MaskingGenerator")
-        n_tokens = mask_generator.num_patches
-    n = n_tokens
-
-    b = len(collated_global_crops)
-    n_samples_masked = int(b * mask_probability)
-    # float32 0-dim tensors on purpose: the official code indexes a torch.linspace, so the ratio
-    # draw and N * ratio are float32 tensor arithmetic; int() then truncates the float32 value.
-    probs = torch.linspace(mask_ratio_tuple[0], mask_ratio_tuple[1], n_samples_masked + 1)
-    upperbound = 0
-    masks_list: list[torch.Tensor] = []
-    for i in range(n_samples_masked):
-        prob_min, prob_max = probs[i], probs[i + 1]
-        masks_list.append(draw_mask(int(n * rng.uniform(prob_min, prob_max))))
-        upperbound += int(n * prob_max)
-    for _ in range(n_samples_masked, b):
-        # Target 0 draws no random numbers; kept as a call for generality of mask_generator.
-        masks_list.append(draw_mask(0))
-
-    rng.shuffle(masks_list)
-
-    collated_masks = torch.stack(masks_list).flatten(1)  # (B, N)
-    if collated_masks.shape[1] != n:
-        raise ValueError(f"mask grid has {collated_masks.shape[1]} patches but n_tokens={n}")
+    if masks is not None:
+        if masks.shape[0] != len(collated_global_crops):
+            raise ValueError(f"{masks.shape[0]} masks for {len(collated_global_crops)} global crops")
+        collated_masks, upperbound = masks.flatten(1).bool(), int(masks.sum())
+    else:
+        if mask_generator is None:
+            raise ValueError("collate_data_and_cast needs a mask_generator (e.g. MaskingGenerator)")
+        if n_tokens is None:
+            if not isinstance(mask_generator, MaskingGenerator):
+                raise ValueError("n_tokens is required when mask_generator is not a MaskingGenerator")
+            n_tokens = mask_generator.num_patches
+        collated_masks, upperbound = draw_masks(
+            len(collated_global_crops), n_tokens, mask_ratio_tuple, mask_probability, mask_generator, random_state
+        )
     mask_indices_list = collated_masks.flatten().nonzero().flatten()
     # Each masked patch weighs 1/(masked patches in its crop), so every masked crop counts equally.
     per_crop = 1 / collated_masks.sum(-1).clamp(min=1.0)

@@ -1,13 +1,18 @@
 """The DINOv2 training DataLoader: resumable order, per-sample seeding, masks, skip counting.
 
 Determinism: batch k of a run is a pure function of (seed, rank, world_size, k), whatever
-num_workers is and whether the run was resumed. Nothing depends on worker RNG state:
+num_workers is and whether the run was resumed, and the union over ranks of their batches k is the
+same for every world size at the same global batch. Nothing depends on worker RNG state:
 
 - the batch sampler yields `(index, position)` pairs, position = the sample's place in the global
   stream (this rank's running count * world_size + rank, so ranks never share a position);
 - each sample's augmentations draw from `torch.Generator().manual_seed(derive_seed(seed, AUG, position))`;
-- each batch's masks draw from `random.Random(derive_seed(seed, MASK, position of its first sample))`
-  inside the collate (which runs in the worker).
+- the masks of global batch k (all ranks together: batch_size * world_size images) draw from
+  `random.Random(derive_seed(seed, MASK, first position of global batch k))` inside the collate
+  (which runs in the worker); each rank draws the whole global batch's masks, as the official
+  collate would for one process, and keeps the rows of its own images. So a 2-rank run masks the
+  same crops the same way as a 1-rank run of the same global batch (the price: each rank draws
+  world_size times more masks, a small cost next to decoding and augmenting its images).
 
 Skipped images: a file that cannot be decoded gives None from the dataset (with a warning naming
 it); the collate drops it and reports `batch["n_skipped"]`. Counting in the batch survives worker
@@ -32,7 +37,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dinokit.data.collate import collate_data_and_cast
+from dinokit.data.collate import collate_data_and_cast, draw_masks
 from dinokit.data.datasets import MultiCropDataset
 from dinokit.data.masking import MaskingGenerator
 from dinokit.data.sampler import ResumableRandomSampler
@@ -103,6 +108,10 @@ class _SeededSamples(Dataset):
 class MultiCropCollate:
     """Collate `(position, sample or None)` items: drop failures, draw masks, add bookkeeping.
 
+    Masks are drawn for a whole group of `group_size` consecutive global positions (the global
+    batch) and this batch keeps the rows of its own positions; `group_size=None` makes the batch
+    its own group (one process).
+
     Returns the `collate_data_and_cast` dict plus
         - n_images: int, samples kept; n_skipped: int, samples dropped (undecodable);
         - labels: int64 (n_images,); positions: int64 (B,) global positions of the whole batch.
@@ -117,6 +126,7 @@ class MultiCropCollate:
         mask_probability: float = 0.5,
         dtype: torch.dtype = torch.float32,
         n_tokens: int | None = None,
+        group_size: int | None = None,
     ) -> None:
         self.seed = int(seed)
         self.mask_generator = mask_generator
@@ -124,21 +134,40 @@ class MultiCropCollate:
         self.mask_probability = mask_probability
         self.dtype = dtype
         self.n_tokens = n_tokens
+        self.group_size = group_size
+
+    def _masks(self, positions: list[int], kept: list[int], n_global_crops: int) -> torch.Tensor:
+        """Masks of the kept samples' global crops, crop-major, cut from their group's masks."""
+        if self.group_size is None:
+            group, start, offsets = len(positions), positions[0], kept
+        else:
+            group = self.group_size
+            start = positions[0] - positions[0] % group
+            offsets = [positions[i] - start for i in kept]
+        n_tokens = self.n_tokens
+        if n_tokens is None:
+            if not isinstance(self.mask_generator, MaskingGenerator):
+                raise ValueError("n_tokens is required when mask_generator is not a MaskingGenerator")
+            n_tokens = self.mask_generator.num_patches
+        rng = random.Random(derive_seed(self.seed, MASK_STREAM, start))
+        masks, _ = draw_masks(n_global_crops * group, n_tokens, self.mask_ratio_tuple, self.mask_probability,
+                              self.mask_generator, rng)
+        # Crop c of the group's image i is row c * group + i (crop-major, as the collate stacks).
+        return masks[[c * group + o for c in range(n_global_crops) for o in offsets]]
 
     def __call__(self, items: Sequence[tuple[int, Any]]) -> dict[str, Any]:
         positions = [p for p, _ in items]
-        samples = [s for _, s in items if s is not None]
+        kept = [i for i, (_, s) in enumerate(items) if s is not None]
+        samples = [items[i][1] for i in kept]
         out: dict[str, Any] = {}
         if samples:
-            rng = random.Random(derive_seed(self.seed, MASK_STREAM, positions[0]))
+            masks = self._masks(positions, kept, len(samples[0][0]["global_crops"]))
             out = collate_data_and_cast(
                 samples,
                 mask_ratio_tuple=self.mask_ratio_tuple,
                 mask_probability=self.mask_probability,
                 dtype=self.dtype,
-                n_tokens=self.n_tokens,
-                mask_generator=self.mask_generator,
-                random_state=rng,
+                masks=masks,
             )
         out["n_images"] = len(samples)
         out["n_skipped"] = len(items) - len(samples)
@@ -172,10 +201,12 @@ def make_train_loader(
         dataset: base dataset `(PIL image, label)` / None, or a `MultiCropDataset` when `transform`
             is None.
         transform: multi-crop transform, e.g. `MultiCropAugmentation`.
-        batch_size: images per batch on this rank (before dropping undecodable ones).
+        batch_size: images per batch on this rank (before dropping undecodable ones); the global
+            batch is batch_size * world_size.
         num_workers: DataLoader worker processes (0: load in the main process).
         seed: run seed; fixes the order, the crops and the masks.
-        start_index: samples this rank already consumed (steps done * batch_size) when resuming.
+        start_index: samples this rank already consumed (steps done * batch_size) when resuming,
+            i.e. the global count divided by world_size.
         mask_generator: `MaskingGenerator` for the global crops' patch grid (required).
         mask_ratio_tuple, mask_probability, dtype, n_tokens: passed to `collate_data_and_cast`.
         rank, world_size: data sharding.
@@ -199,7 +230,8 @@ def make_train_loader(
     sampler = ResumableRandomSampler(
         len(multicrop), seed=seed, shuffle=shuffle, rank=rank, world_size=world_size, start_index=start_index
     )
-    collate = MultiCropCollate(seed, mask_generator, mask_ratio_tuple, mask_probability, dtype, n_tokens)
+    collate = MultiCropCollate(seed, mask_generator, mask_ratio_tuple, mask_probability, dtype, n_tokens,
+                               group_size=batch_size * world_size)
     return DataLoader(
         _SeededSamples(multicrop, seed),
         batch_sampler=PositionBatchSampler(sampler, batch_size),

@@ -27,7 +27,7 @@ class DINOLoss(DeferredCenter, nn.Module):
 
     The center update is deferred, as in the official code, so that its all_reduce overlaps with
     the backward pass: `update_center(t)` only computes (and launches the reduction of) the batch
-    sum; the new center `m * center + (1 - m) * sum / (n * world_size)` is applied by
+    sum; the new center `m * center + (1 - m) * sum / count` (both over all ranks) is applied by
     `apply_center_update()`, which `softmax_center_teacher` calls first. Hence the targets of step
     i are centered with the statistics of steps < i.
 
@@ -73,8 +73,8 @@ class DINOLoss(DeferredCenter, nn.Module):
     def sinkhorn_knopp_teacher(self, teacher_output: Tensor, teacher_temp: float, n_iterations: int = 3) -> Tensor:
         """DINOv2 Sinkhorn-Knopp targets over the global batch (all ranks); independent of the center.
 
-        Assumes every rank holds the same number of samples (true for data-parallel training),
-        as the official code does: global batch = n * world_size.
+        The global batch size is the sum of the ranks' row counts (the official code assumes
+        n * world_size, which breaks when a rank dropped undecodable images).
 
         Args:
             teacher_output: (n, K) teacher head outputs on this rank.
@@ -84,8 +84,11 @@ class DINOLoss(DeferredCenter, nn.Module):
         Returns:
             (n, K) float32 targets, rows sum to 1.
         """
-        world_size = dist.get_world_size() if distributed_ready() else 1
-        return sinkhorn_knopp(teacher_output, teacher_temp, teacher_output.shape[0] * world_size, n_iterations)
+        n_global: Tensor | int = teacher_output.shape[0]
+        if distributed_ready():
+            n_global = torch.tensor([teacher_output.shape[0]], device=teacher_output.device)
+            dist.all_reduce(n_global)
+        return sinkhorn_knopp(teacher_output, teacher_temp, n_global, n_iterations)
 
     def forward(
         self,

@@ -151,6 +151,15 @@ class iBOTPatchLoss(DeferredCenter, nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_patch_tokens: Tensor) -> None:
-        """Record `sum_b mean_n t[b, n]` of (B, N, K) teacher outputs and start its all_reduce."""
-        batch_sum = torch.sum(teacher_patch_tokens.float().mean(1), dim=0, keepdim=True)  # (1, K)
-        self._record_center(batch_sum, len(teacher_patch_tokens))  # broadcast into the (1, 1, K) buffer
+        """Record a batch of teacher outputs for the center and start its all_reduce.
+
+        (B, N, K) dense tokens: the center moves to the mean over images of the per-image token
+        mean (official). (M, K) masked rows: to the mean over all masked rows of all ranks. The
+        official code passes the masked rows as (1, M, K), which averages the per-rank means; on
+        one rank both give the same center.
+        """
+        t = teacher_patch_tokens.float()
+        if t.dim() == 2:
+            self._record_center(t.sum(0, keepdim=True), t.shape[0])
+        else:
+            self._record_center(torch.sum(t.mean(1), dim=0, keepdim=True), t.shape[0])

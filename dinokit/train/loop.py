@@ -1,13 +1,21 @@
-"""`dinokit train`: the DINO / DINOv2 pretraining loop on one process, exactly resumable.
+"""`dinokit train`: the DINO / DINOv2 pretraining loop, on one process or many, exactly resumable.
 
     dinokit train DATA --preset tiny --out runs/tiny          # start, or resume if runs/tiny exists
     dinokit train DATA --preset tiny --out runs/tiny train.max_steps=300
+    torchrun --nproc_per_node=2 -m dinokit.cli train DATA --out runs/ddp train.distributed.strategy=ddp
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d \
+        --rdzv_endpoint=HOST:29500 -m dinokit.cli train DATA --out /shared/run train.distributed.strategy=fsdp
 
 Each step: schedules -> teacher targets -> student outputs -> losses -> backward -> clip ->
 AdamW -> EMA. Every `checkpoint.every` steps (and at the last step) the full state is written
 atomically and the teacher backbone is exported as `teacher_backbone.safetensors`. Resuming
 restores model, optimiser, loss centers, RNG states and the data position, so a run stopped and
-resumed reproduces the uninterrupted run bit for bit on CPU.
+resumed on the same number of processes reproduces the uninterrupted run bit for bit on CPU.
+
+Under torchrun (see docs/distributed.md) every rank runs this same loop: `optim.batch_size` is the
+GLOBAL batch, each rank loads `batch_size / world_size` images of the world-size-independent global
+sample stream, the model is wrapped by `dinokit.distributed.parallelize` (DDP or FSDP2), the
+logged losses are means over ranks, and only rank 0 logs, writes metrics and exports.
 """
 
 from __future__ import annotations
@@ -22,14 +30,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from dinokit.checkpoint.training import (
     export_backbone,
+    full_state_dict,
     latest_checkpoint,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
+    load_training_state,
+    save_training_state,
     set_rng_state,
 )
 from dinokit.config import (
@@ -38,26 +46,35 @@ from dinokit.config import (
     config_from_dict,
     config_to_dict,
     schedule_args,
+    validate,
     vit_args_from_config,
 )
 from dinokit.data.datasets import FashionMNIST, FileListDataset, ImageFolderDataset
-from dinokit.data.loader import make_train_loader
+from dinokit.data.loader import derive_seed, make_train_loader
 from dinokit.data.masking import MaskingGenerator
 from dinokit.data.transforms import MultiCropAugmentation
+from dinokit.distributed import DTYPES, DistEnv, distributed_env, parallelize, reduce_sum
+from dinokit.distributed.env import resolve_device
+from dinokit.train.compute import apply_compute_options
 from dinokit.train.metrics import MetricsLog
 from dinokit.train.online_knn import OnlineKNN
-from dinokit.train.optim import apply_schedule, build_optimizer
+from dinokit.train.optim import apply_schedule, build_optimizer, clip_grad_norm_
 from dinokit.train.schedules import build_schedules
 from dinokit.train.ssl_model import LossArgs, SSLModel, collapse_reasons, health_signals
 
+__all__ = ["NonFiniteLossError", "TrainResult", "build_model", "resolve_device", "train", "train_step"]
+
 log = logging.getLogger("dinokit.train")
 
-# Settings that may change between a run and its resumption without changing the result.
+# Settings that may change between a run and its resumption without changing the result
+# (the number of processes is not a setting: it may change too, see docs/distributed.md).
 RESUMABLE_CHANGES = {
     "train.max_steps", "train.log_every", "train.device", "data.num_workers", "data.path",
     "checkpoint.every", "checkpoint.keep", "eval.knn_every", "eval.knn_train", "eval.knn_val",
-    "eval.knn_train_size", "eval.knn_val_size", "eval.knn_k",
+    "eval.knn_train_size", "eval.knn_val_size", "eval.knn_k", "train.distributed.strategy",
 }
+# Stream tag of the per-rank training RNG seed (the loader uses 1 and 2).
+_RANK_RNG_STREAM = 3
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,12 +89,6 @@ class TrainResult:
     skipped_images: int
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def build_dataset(cfg: Config) -> Any:
     data = cfg.data
     if data.dataset == "fashion_mnist":
@@ -88,8 +99,10 @@ def build_dataset(cfg: Config) -> Any:
 
 
 def build_model(cfg: Config) -> SSLModel:
+    """Student and teacher of `cfg`, with the compute options of `cfg.train` applied
+    (packing, activation checkpointing, compile: `dinokit.train.compute`)."""
     v1 = cfg.loss.mode == "dino"
-    return SSLModel(
+    model = SSLModel(
         vit_args_from_config(cfg.model, use_mask_token=not v1).build(),
         cfg.head,
         cfg.loss.ibot_head if cfg.loss.separate_ibot_head else None,
@@ -104,9 +117,13 @@ def build_model(cfg: Config) -> SSLModel:
             center_momentum=cfg.loss.center_momentum,
         ),
     )
+    return apply_compute_options(model, cfg.train)
 
 
-def build_loader(cfg: Config, dataset: Any, start_index: int) -> Iterator[dict[str, Any]]:
+def build_loader(cfg: Config, dataset: Any, start_index: int, rank: int = 0, world_size: int = 1,
+                 dtype: torch.dtype = torch.float32) -> Iterator[dict[str, Any]]:
+    """This rank's batches: `optim.batch_size / world_size` images each, from global sample
+    `start_index` (the number consumed by all ranks so far) on; crops cast to `dtype`."""
     c = cfg.crops
     transform = MultiCropAugmentation(
         global_crops_size=c.global_size,
@@ -127,13 +144,16 @@ def build_loader(cfg: Config, dataset: Any, start_index: int) -> Iterator[dict[s
     loader = make_train_loader(
         dataset,
         transform,
-        batch_size=cfg.optim.batch_size,
+        batch_size=cfg.optim.batch_size // world_size,
         num_workers=cfg.data.num_workers,
         seed=cfg.train.seed,
-        start_index=start_index,
+        start_index=start_index // world_size,  # global batches are multiples of world_size
         mask_generator=mask_generator,
         mask_ratio_tuple=tuple(cfg.loss.mask_ratio),
         mask_probability=cfg.loss.mask_probability,
+        dtype=dtype,
+        rank=rank,
+        world_size=world_size,
     )
     return iter(loader)
 
@@ -178,6 +198,16 @@ def _progress(total: int, initial: int) -> Any:
     return None
 
 
+def _mean_over_ranks(terms: dict[str, Tensor], env: DistEnv | None) -> dict[str, Tensor]:
+    """Detached loss terms averaged over ranks (one all_reduce): what one process with the global
+    batch would report, since every term is a mean over equally sized per-rank batches."""
+    names = list(terms)
+    values = torch.stack([terms[n].detach().float() for n in names])
+    if env is not None and env.distributed:
+        values = reduce_sum(values) / env.world_size
+    return dict(zip(names, values.unbind()))
+
+
 def train_step(
     model: SSLModel,
     optimizer: torch.optim.Optimizer,
@@ -187,12 +217,21 @@ def train_step(
     device: torch.device,
     step_number: int = 0,
     run_dir: Path | None = None,
+    *,
+    forward: nn.Module | None = None,
+    env: DistEnv | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """One optimisation step: schedules -> forward -> finite check -> backward -> clip -> AdamW -> EMA."""
+    """One optimisation step: schedules -> forward -> finite check -> backward -> clip -> AdamW -> EMA.
+
+    `forward` is the module to call for the loss (the DDP wrapper; default `model`). Returns the
+    detached loss terms, averaged over ranks, and the teacher targets of this rank's batch.
+    """
     apply_schedule(optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"])
     with _autocast(cfg, device):
-        terms, targets = model(batch, sched["teacher_temp"])
-    for name, value in terms.items():
+        terms, targets = (forward or model)(batch, sched["teacher_temp"])
+    # Checked on the rank mean, so that every rank sees a NaN of any rank and all stop together.
+    reported = _mean_over_ranks(terms, env)
+    for name, value in reported.items():
         if not torch.isfinite(value):
             last = latest_checkpoint(run_dir) if run_dir is not None else None
             raise NonFiniteLossError(
@@ -205,16 +244,22 @@ def train_step(
     if cfg.optim.clip_grad > 0:
         # Per sub-model, as the official code: a huge head gradient does not shrink the backbone's.
         for module in model.student.values():
-            torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.optim.clip_grad)
+            clip_grad_norm_(module.parameters(), cfg.optim.clip_grad)
     optimizer.step()
     model.update_teacher(sched["momentum"])
-    return terms, targets
+    return reported, targets
 
 
 def train(cfg: Config, run_dir: Path) -> TrainResult:
     """Train (or resume) the run in `run_dir` with `cfg`; returns when `max_steps` or the end of
-    the schedule is reached. Raises `NonFiniteLossError` on a NaN / inf loss."""
-    run_dir = Path(run_dir)
+    the schedule is reached. Raises `NonFiniteLossError` on a NaN / inf loss. Under torchrun (or
+    with a process group already started) every rank calls it."""
+    with distributed_env(cfg.train.device) as env:
+        return _train(cfg, Path(run_dir), env)
+
+
+def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
+    validate(cfg, world_size=env.world_size)
     saved_cfg_path = run_dir / "config.yaml"
     ckpt_path = latest_checkpoint(run_dir)
     if saved_cfg_path.is_file():
@@ -222,15 +267,21 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
 
         _check_resume_config(config_from_dict(yaml.safe_load(saved_cfg_path.read_text())), cfg, run_dir)
     dataset = build_dataset(cfg)  # fails on a missing / empty folder before any work
-    online_knn = OnlineKNN(cfg, dataset) if cfg.eval.knn_every > 0 else None
-    run_dir.mkdir(parents=True, exist_ok=True)
+    online_knn = OnlineKNN(cfg, dataset) if cfg.eval.knn_every > 0 and env.is_main else None
     config_yaml = _dump_yaml(cfg)
-    saved_cfg_path.write_text(config_yaml)
+    env.barrier()  # every rank has read the old config.yaml before rank 0 replaces it
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved_cfg_path.write_text(config_yaml)
 
-    device = resolve_device(cfg.train.device)
+    device = env.device
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg).to(device)  # the same initial weights on every rank
+    if env.world_size > 1:  # ranks draw different stochastic-depth samples from here on
+        torch.manual_seed(derive_seed(cfg.train.seed, _RANK_RNG_STREAM, env.rank))
+    dist_cfg = cfg.train.distributed
+    forward = parallelize(model, dist_cfg, env) if env.distributed else model
     optimizer = build_optimizer(
         model.student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult,
         betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2),
@@ -241,22 +292,24 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
     step, skipped_total, samples_consumed = 0, 0, 0
     resume_rng = None
     if ckpt_path is not None:
-        state = load_checkpoint(ckpt_path)
-        model.student.load_state_dict(state["student"])
-        model.teacher.load_state_dict(state["teacher"])
-        model.dino_loss.load_state_dict(state["dino_loss"])
-        model.ibot_loss.load_state_dict(state["ibot_loss"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, skipped_total = int(state["step"]), int(state["skipped_images"])
-        samples_consumed = int(state["samples_consumed"])
+        state = load_training_state(ckpt_path, model, optimizer, env)
+        step, skipped_total = state["step"], state["skipped_images"]
+        samples_consumed = state["samples_consumed"]
         resume_rng = state["rng"]
-        log.info("resuming %s from step %d", run_dir, step)
-    batches = build_loader(cfg, dataset, start_index=samples_consumed)
+        if resume_rng is None:  # another world size: fresh per-rank streams, still seeded
+            torch.manual_seed(derive_seed(cfg.train.seed, _RANK_RNG_STREAM, env.rank, step))
+        if env.is_main:
+            log.info("resuming %s from step %d (written by %d process(es), now %d)",
+                     run_dir, step, state["world_size"], env.world_size)
+    # FSDP's root does not cast inputs (see parallelize), so the collate casts the crops.
+    fsdp = dist_cfg.strategy == "fsdp" and env.distributed
+    crops_dtype = DTYPES[dist_cfg.param_dtype] if fsdp else torch.float32
+    batches = build_loader(cfg, dataset, samples_consumed, env.rank, env.world_size, crops_dtype)
     if resume_rng is not None:
         set_rng_state(resume_rng)  # after the loader started, so nothing draws in between
 
-    metrics = MetricsLog(run_dir, resume_step=step)
-    bar = _progress(stop, step)
+    metrics = MetricsLog(run_dir, resume_step=step) if env.is_main else None
+    bar = _progress(stop, step) if env.is_main else None
     model.train()
     loss_value = float("nan")
     warmup_steps = cfg.optim.warmup_epochs * cfg.optim.epoch_length
@@ -265,75 +318,92 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
         while step < stop:
             t0 = time.perf_counter()
             batch = next(batches)
-            skipped_total += int(batch.get("n_skipped", 0))
+            # [skipped images, ranks whose whole batch failed], summed over ranks.
+            counts = reduce_sum(torch.tensor([int(batch.get("n_skipped", 0)), int(batch.get("n_images", 1) == 0)],
+                                             device=device))  # on the GPU for nccl
+            skipped_total += int(counts[0])
             samples_consumed += cfg.optim.batch_size
-            if batch.get("n_images", 1) == 0:
-                log.warning("step %d: every image of the batch failed to decode; batch skipped", step + 1)
+            if int(counts[1]) > 0:  # every rank skips, so the collectives stay matched
+                if env.is_main:
+                    log.warning("step %d: every image of a batch failed to decode; step skipped", step + 1)
                 step += 1
                 continue
             batch = _to_device(batch, device)
             sched = schedules.at(step)
-            terms, targets = train_step(model, optimizer, batch, sched, cfg, device, step + 1, run_dir)
+            terms, targets = train_step(model, optimizer, batch, sched, cfg, device, step + 1, run_dir,
+                                        forward=forward, env=env)
             step += 1
+            knn = None
+            if cfg.eval.knn_every and step % cfg.eval.knn_every == 0:
+                knn = _online_knn(online_knn, model, cfg, env)
             loss_value = terms["total"].item()
-
-            health = health_signals(targets)
-            if "koleo" in terms:
-                health["koleo_value"] = terms["koleo"].item() / cfg.loss.koleo_weight  # unweighted
-            seconds = time.perf_counter() - t0
-            record = {
-                "step": step,
-                "loss": loss_value,
-                **{k: v.item() for k, v in terms.items() if k != "total"},
-                "lr": sched["lr"],
-                "wd": sched["wd"],
-                "momentum": sched["momentum"],
-                "teacher_temp": sched["teacher_temp"],
-                "images_per_s": batch["collated_global_crops"].shape[0] / 2 / seconds,
-                "skipped_images": skipped_total,
-                **health,
-            }
-            if online_knn is not None and online_knn.due(step):
-                record.update(online_knn.evaluate(model.teacher["backbone"]))
-                log.info("step %d: online k-NN top-1 %.2f %%", step, record["knn_top1"])
-            metrics.write(record)
-            # Early steps look collapsed by construction (a fresh teacher maps every image to
-            # nearly the same output), so warnings start after the lr warmup.
-            reasons = collapse_reasons(health)
-            if reasons and step > warmup_steps and step - last_warning >= 100:
-                log.warning("step %d: collapse signal: %s", step, "; ".join(reasons))
-                last_warning = step
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{sched['lr']:.2e}")
-            elif step % cfg.train.log_every == 0 or step == stop:
-                log.info("step %d/%d loss %.4f lr %.3g %.1f img/s", step, stop, loss_value, sched["lr"], record["images_per_s"])
-
+            if env.is_main:
+                assert metrics is not None
+                record = {
+                    "step": step,
+                    "loss": loss_value,
+                    **{k: v.item() for k, v in terms.items() if k != "total"},
+                    "lr": sched["lr"],
+                    "wd": sched["wd"],
+                    "momentum": sched["momentum"],
+                    "teacher_temp": sched["teacher_temp"],
+                    "images_per_s": batch["collated_global_crops"].shape[0] / 2 * env.world_size
+                    / (time.perf_counter() - t0),  # all ranks
+                    "skipped_images": skipped_total,
+                }
+                health = health_signals(targets)  # of rank 0's batch
+                if "koleo" in terms:
+                    health["koleo_value"] = terms["koleo"].item() / cfg.loss.koleo_weight  # unweighted
+                record.update(health)
+                if knn is not None:
+                    record.update(knn)
+                    log.info("step %d: online k-NN top-1 %.2f %%", step, record["knn_top1"])
+                metrics.write(record)  # before the checkpoint: a kill in between loses no line
+                # Early steps look collapsed by construction (a fresh teacher maps every image to
+                # nearly the same output), so warnings start after the lr warmup.
+                reasons = collapse_reasons(health)
+                if reasons and step > warmup_steps and step - last_warning >= 100:
+                    log.warning("step %d: collapse signal: %s", step, "; ".join(reasons))
+                    last_warning = step
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{sched['lr']:.2e}")
+                elif step % cfg.train.log_every == 0 or step == stop:
+                    log.info("step %d/%d loss %.4f lr %.3g %.1f img/s", step, stop, loss_value, sched["lr"],
+                             record["images_per_s"])
             if step % cfg.checkpoint.every == 0 or step == stop:
-                _save(run_dir, step, model, optimizer, skipped_total, samples_consumed, config_yaml, cfg.checkpoint.keep)
+                trainer = {"step": step, "samples_consumed": samples_consumed, "skipped_images": skipped_total}
+                _save(run_dir, model, optimizer, trainer, config_yaml, cfg.checkpoint.keep, env)
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         if bar is not None:
             bar.close()
     return TrainResult(run_dir, step, loss_value, skipped_total)
 
 
-def _save(run_dir: Path, step: int, model: SSLModel, optimizer: torch.optim.Optimizer,
-          skipped: int, samples_consumed: int, config_yaml: str, keep: int) -> None:
+def _online_knn(knn: OnlineKNN | None, model: SSLModel, cfg: Config, env: DistEnv) -> dict[str, float] | None:
+    """k-NN of the teacher backbone on rank 0. A sharded teacher is gathered (by every rank) into
+    a plain copy first, so that rank 0 can run it alone."""
+    backbone: nn.Module = model.teacher["backbone"]
+    if cfg.train.distributed.strategy == "fsdp" and env.distributed:
+        state = full_state_dict(backbone)
+        if knn is None:
+            return None
+        with torch.random.fork_rng(devices=[]):  # building draws init numbers; training must not see it
+            backbone = vit_args_from_config(cfg.model, use_mask_token=cfg.loss.mode != "dino").build()
+        backbone.load_state_dict(state)
+        backbone.to(env.device)
+    return knn.evaluate(backbone) if knn is not None else None
+
+
+def _save(run_dir: Path, model: SSLModel, optimizer: torch.optim.Optimizer, trainer: dict[str, int],
+          config_yaml: str, keep: int, env: DistEnv) -> None:
     model.settle_pending_center_updates()
-    state = {
-        "step": step,
-        "student": model.student.state_dict(),
-        "teacher": model.teacher.state_dict(),
-        "dino_loss": model.dino_loss.state_dict(),
-        "ibot_loss": model.ibot_loss.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "skipped_images": skipped,
-        "samples_consumed": samples_consumed,  # the data sampler's position
-        "rng": rng_state(),
-    }
-    save_checkpoint(run_dir, step, state, config_yaml, keep)
-    export_backbone(run_dir / "teacher_backbone.safetensors", model.teacher["backbone"].state_dict())
+    save_training_state(run_dir, trainer["step"], model, optimizer, trainer, config_yaml, keep, env)
+    teacher = full_state_dict(model.teacher["backbone"])  # gathers FSDP shards (every rank calls)
+    if env.is_main:
+        export_backbone(run_dir / "teacher_backbone.safetensors", teacher)
 
 
 def _dump_yaml(cfg: Config) -> str:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Iterable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from dinokit.train.param_groups import param_infos
 
@@ -43,3 +45,18 @@ def apply_schedule(optimizer: torch.optim.Optimizer, lr: float, wd: float, last_
         base = last_layer_lr if group["is_last_layer"] else lr
         group["lr"] = base * group["lr_multiplier"]
         group["weight_decay"] = wd * group["wd_multiplier"]
+
+
+def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float) -> Tensor:
+    """Scale the gradients so that their joint L2 norm is at most `max_norm`; returns the norm.
+
+    `torch.nn.utils.clip_grad_norm_`, made safe for FSDP's sharded gradients as torchtitan does:
+    the norm of DTensor shards is a partial DTensor that must be reduced to the full norm
+    (`full_tensor()`, an all_reduce) before the clip coefficient is taken.
+    """
+    params = [p for p in parameters if p.grad is not None]
+    total = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
