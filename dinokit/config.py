@@ -40,6 +40,7 @@ __all__ = [
     "ConfigError",
     "CropsConfig",
     "DataConfig",
+    "DistributedConfig",
     "HeadConfig",
     "LossConfig",
     "ModelConfig",
@@ -200,6 +201,23 @@ class TeacherConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Multi-process training (launched by `torchrun`; see docs/distributed.md). Used only when a
+    process group exists: a plain `dinokit train` is one process whatever these say.
+
+    `strategy`: `ddp` replicates the student and all-reduces its gradients; `fsdp` shards student
+    and teacher with FSDP2 (`fully_shard` per block, per head, then the root); `none` is only
+    valid on one rank. `param_dtype`: the dtype FSDP gathers parameters in for compute (the
+    optimizer keeps float32 master weights); DDP needs float32 (use `train.autocast` there).
+    `reduce_dtype`: the dtype gradients are reduced in (FSDP reduce-scatter; DDP via a
+    compression hook)."""
+
+    strategy: Literal["none", "ddp", "fsdp"] = "ddp"
+    param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    reduce_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass
 class TrainConfig:
     """The loop. `max_steps` stops early without changing any schedule (None: run them all)."""
 
@@ -208,6 +226,13 @@ class TrainConfig:
     autocast: Literal["none", "bf16", "fp16"] = "none"
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     log_every: int = 1
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    # Efficiency options (docs/training.md, "Efficiency options"). packing: the student's global
+    # and local crops through the blocks as one packed sequence; auto = on for CUDA, off on CPU,
+    # where bench/packing.py measured it slower. (A bool, so YAML's on / off / true / false work.)
+    packing: Literal["auto"] | bool = "auto"
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, more time
+    compile: bool = False  # torch.compile each block of student and teacher (slow first step)
 
 
 @dataclass
@@ -627,6 +652,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     need(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", tr.device) is not None,
          f"train.device must be auto, cpu, mps, cuda or cuda:N, got {tr.device!r}")
     need(tr.log_every >= 1, f"train.log_every must be >= 1, got {tr.log_every}")
+    dd = tr.distributed
+    need(world_size == 1 or dd.strategy != "none",
+         f"train.distributed.strategy 'none' cannot run on {world_size} ranks; use ddp or fsdp")
+    need(dd.strategy != "ddp" or dd.param_dtype == "float32",
+         f"train.distributed.param_dtype {dd.param_dtype!r} needs strategy fsdp; DDP keeps float32 "
+         "parameters (use train.autocast=bf16 for reduced-precision compute)")
     need(ck.every >= 1, f"checkpoint.every must be >= 1, got {ck.every}")
     need(ck.keep >= 1, f"checkpoint.keep must be >= 1, got {ck.keep}")
     for name in ("flip_p", "color_jitter_p", "grayscale_p", "solarize_p"):

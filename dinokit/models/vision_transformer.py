@@ -5,6 +5,11 @@ Parameter names and shapes equal the official hub checkpoints (`cls_token`, `pos
 weights load with a plain `load_state_dict`; chunked training checkpoints are handled by key
 mapping in `dinokit.checkpoint`, not by nesting modules. The model knows nothing of parallelism:
 `blocks` is a flat `ModuleList` that FSDP or activation checkpointing can wrap block by block.
+
+Two execution switches are plain attributes, not constructor arguments, because they change how
+the same weights compute, not what they compute: `packing` (crops of several sizes through the
+blocks as one packed token matrix in `forward_features_list`) and `activation_checkpointing`
+(recompute each block's activations in the backward pass instead of storing them).
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from dinokit.models.layers import Block, PatchEmbed
+from dinokit.models.layers import Block, PackedLayout, PatchEmbed
 from dinokit.models.layers.block import FfnLayer
 
 
@@ -105,6 +111,10 @@ class VisionTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim)) if use_mask_token else None
+        # Off by default: on CPU packing measured slower than separate forwards
+        # (bench/results/packing_cpu.json); training turns it on for CUDA (`train.packing`).
+        self.packing = False
+        self.activation_checkpointing = False
         self.init_weights()
 
     # ------------------------------------------------------------------ initialisation
@@ -197,8 +207,19 @@ class VisionTransformer(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def _output_dict(self, x: Tensor, masks: Tensor | None) -> dict[str, Tensor | None]:
-        x_norm = self.norm(x)
+    def _run_blocks(self, x: Tensor, layout: PackedLayout | None = None) -> Tensor:
+        checkpointed = self.activation_checkpointing and torch.is_grad_enabled()
+        for block in self.blocks:
+            if checkpointed:
+                # Non-reentrant checkpointing restores the RNG state for the recomputation, so
+                # stochastic depth drops the same samples twice.
+                x = checkpoint(block, x, layout=layout, use_reentrant=False)
+            else:
+                x = block(x, layout=layout)
+        return x
+
+    def _output_dict(self, x: Tensor, masks: Tensor | None, x_norm: Tensor | None = None) -> dict[str, Tensor | None]:
+        x_norm = self.norm(x) if x_norm is None else x_norm
         r = self.num_register_tokens
         return {
             "x_norm_clstoken": x_norm[:, 0],
@@ -215,20 +236,27 @@ class VisionTransformer(nn.Module):
         `x_norm_patchtokens` (B, N, D), `x_prenorm` (B, 1 + R + N, D), `masks`.
         """
         tokens = self.prepare_tokens_with_masks(x, masks)
-        for block in self.blocks:
-            tokens = block(tokens)
-        return self._output_dict(tokens, masks)
+        return self._output_dict(self._run_blocks(tokens), masks)
 
     def forward_features_list(
         self, xs: Sequence[Tensor], masks_list: Sequence[Tensor | None]
     ) -> list[dict[str, Tensor | None]]:
         """`forward_features` for several crop sizes at once (e.g. global and local crops).
 
-        Each entry runs separately here; the signature is the one sequence packing will serve.
+        With `self.packing` the tokens of all batches are packed into one (rows, D) matrix
+        that goes through each block once, with block-diagonal attention (see
+        `dinokit.models.layers.packing`); otherwise each batch runs separately. Both give the
+        same results up to float rounding. Returns one `forward_features` dict per batch.
         """
         if len(xs) != len(masks_list):
             raise ValueError(f"{len(xs)} image batches but {len(masks_list)} mask entries")
-        return [self.forward_features(x, m) for x, m in zip(xs, masks_list)]
+        if not self.packing or len(xs) < 2:
+            return [self.forward_features(x, m) for x, m in zip(xs, masks_list)]
+        tokens = [self.prepare_tokens_with_masks(x, m) for x, m in zip(xs, masks_list)]
+        layout = PackedLayout.of(tokens)
+        packed = self._run_blocks(layout.pack(tokens), layout)
+        outs, normed = layout.unpack(packed), layout.unpack(self.norm(packed))
+        return [self._output_dict(x, m, x_norm) for x, m, x_norm in zip(outs, masks_list, normed)]
 
     def forward(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
         """Normalised [CLS] token (B, D), the image embedding of the hub models."""

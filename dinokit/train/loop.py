@@ -72,6 +72,8 @@ RESUMABLE_CHANGES = {
     "train.max_steps", "train.log_every", "train.device", "data.num_workers", "data.path",
     "checkpoint.every", "checkpoint.keep", "eval.knn_every", "eval.knn_train", "eval.knn_val",
     "eval.knn_train_size", "eval.knn_val_size", "eval.knn_k", "train.distributed.strategy",
+    # Compute savers change speed and memory, not the numbers.
+    "train.compile", "train.activation_checkpointing",
 }
 # Stream tag of the per-rank training RNG seed (the loader uses 1 and 2).
 _RANK_RNG_STREAM = 3

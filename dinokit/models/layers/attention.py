@@ -6,13 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dinokit.models.layers.packing import PackedLayout, packed_attention
+
 
 class Attention(nn.Module):
     """Multi-head self-attention with one packed `qkv` projection (official DINOv2 key names).
 
     `F.scaled_dot_product_attention` picks the flash / memory-efficient kernel where the device has
-    one, so no xFormers is needed. `attn_mask` (broadcastable to (B, heads, N, N), bool = keep)
-    leaves room for block-diagonal masks when crops are packed into one sequence.
+    one, so no xFormers is needed. `attn_mask` is broadcastable to (B, heads, N, N), bool = keep.
 
     Args:
         dim: token width D.
@@ -20,7 +21,8 @@ class Attention(nn.Module):
         qkv_bias: bias on the qkv projection.
         proj_bias: bias on the output projection.
 
-    Shapes: x (B, N, D) -> (B, N, D).
+    Shapes: x (B, N, D) -> (B, N, D); with `layout`, packed sequences x (rows, D) -> (rows, D)
+    (block-diagonal attention, see `dinokit.models.layers.packing`).
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True) -> None:
@@ -38,7 +40,11 @@ class Attention(nn.Module):
         q, k, v = torch.unbind(qkv, 2)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, layout: PackedLayout | None = None) -> Tensor:
+        if layout is not None:
+            if attn_mask is not None:
+                raise ValueError("attn_mask and a packed layout cannot be combined")
+            return self.proj(packed_attention(self.qkv(x), layout, self.num_heads))
         B, N, C = x.shape
         q, k, v = self._split_heads(x)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)

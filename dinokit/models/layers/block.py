@@ -7,9 +7,15 @@ from typing import Literal
 from torch import Tensor, nn
 
 from dinokit.models.layers.attention import Attention
-from dinokit.models.layers.drop_path import drop_add_residual_stochastic_depth, drop_path
+from dinokit.models.layers.drop_path import (
+    drop_add_residual_packed,
+    drop_add_residual_stochastic_depth,
+    drop_path,
+    drop_path_packed,
+)
 from dinokit.models.layers.layer_scale import LayerScale
 from dinokit.models.layers.mlp import Mlp, SwiGLUFFN, swiglu_hidden_features
+from dinokit.models.layers.packing import PackedLayout
 
 FfnLayer = Literal["mlp", "swiglu", "swiglufused"]
 
@@ -31,6 +37,8 @@ class Block(nn.Module):
         ffn_layer: "mlp" or "swiglu" / "swiglufused" (the same network without xFormers).
 
     Shapes: x (B, N, D) -> (B, N, D). `attn_mask` is passed to attention (see `Attention`).
+    With `layout`, x is packed sequences (rows, D) of several crop sizes (see
+    `dinokit.models.layers.packing`); stochastic depth then draws per crop, as separate forwards do.
     """
 
     def __init__(
@@ -61,13 +69,15 @@ class Block(nn.Module):
         self.ls2: nn.Module = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.sample_drop_ratio = drop_path
 
-    def attn_residual(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        return self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask))
+    def attn_residual(self, x: Tensor, attn_mask: Tensor | None = None, layout: PackedLayout | None = None) -> Tensor:
+        return self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, layout=layout))
 
     def ffn_residual(self, x: Tensor) -> Tensor:
         return self.ls2(self.mlp(self.norm2(x)))
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, layout: PackedLayout | None = None) -> Tensor:
+        if layout is not None:
+            return self._forward_packed(x, layout)
         rate = self.sample_drop_ratio
         if self.training and rate > SUBSET_DROP_THRESHOLD and attn_mask is None:
             x = drop_add_residual_stochastic_depth(x, self.attn_residual, rate)
@@ -77,5 +87,18 @@ class Block(nn.Module):
             x = x + drop_path(self.ffn_residual(x), rate, True)
         else:
             x = x + self.attn_residual(x, attn_mask)
+            x = x + self.ffn_residual(x)
+        return x
+
+    def _forward_packed(self, x: Tensor, layout: PackedLayout) -> Tensor:
+        rate = self.sample_drop_ratio
+        if self.training and rate > SUBSET_DROP_THRESHOLD:
+            x = drop_add_residual_packed(x, layout, lambda y, sub: self.attn_residual(y, layout=sub), rate)
+            x = drop_add_residual_packed(x, layout, lambda y, sub: self.ffn_residual(y), rate)
+        elif self.training and rate > 0.0:
+            x = x + drop_path_packed(self.attn_residual(x, layout=layout), layout, rate, True)
+            x = x + drop_path_packed(self.ffn_residual(x), layout, rate, True)
+        else:
+            x = x + self.attn_residual(x, layout=layout)
             x = x + self.ffn_residual(x)
         return x
