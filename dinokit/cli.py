@@ -118,10 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"))
     demo.set_defaults(func=_demo)
 
+    from dinokit.curate.commands import add_commands as add_curate_commands
     from dinokit.eval.commands import add_commands as add_eval_commands
     from dinokit.viz.commands import add_commands as add_viz_commands
 
     add_eval_commands(sub)
+    add_curate_commands(sub)
     add_viz_commands(sub)
     return parser
 
