@@ -54,7 +54,7 @@ def run_variant(name: str, overrides: list[str], steps: int, root: Path, n_train
     knn = {kind: knn_classify(tr.features[kind], tr.labels, te.features[kind], te.labels, ks=(20,))[20]["top1"]
            for kind in ("cls", "avgpool")}
     last = read_metrics(run_dir)[-1]
-    return {"name": name, "overrides": overrides, "steps": steps, "knn20_cls": round(knn["cls"], 2),
+    return {"name": name, "overrides": overrides, "steps": cfg.train.max_steps, "knn20_cls": round(knn["cls"], 2),
             "knn20_avgpool": round(knn["avgpool"], 2), "loss": last["loss"],
             "teacher_entropy": last["teacher_entropy"], "prototypes_used": last["prototypes_used"],
             "feature_std": last["feature_std"], "train_seconds": round(train_seconds, 1)}

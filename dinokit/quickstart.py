@@ -59,8 +59,8 @@ def quickstart_config(train_spec: str, fashion_mnist: bool, steps: int | None, p
     items = [f"data.path={train_spec}"]
     if fashion_mnist:
         items += ["data.dataset=fashion_mnist",
-                  # Online k-NN on a small subsample every 100 steps, for the curves.
-                  "eval.knn_every=100", f"eval.knn_train=fashion_mnist:{train_spec}",
+                  # Online k-NN on a small subsample every 250 steps, for the curves.
+                  "eval.knn_every=250", f"eval.knn_train=fashion_mnist:{train_spec}",
                   f"eval.knn_val=fashion_mnist:{train_spec}", "eval.knn_train_size=5000", "eval.knn_val_size=1000"]
     if steps is not None:
         items.append(f"train.max_steps={steps}")
@@ -96,8 +96,9 @@ def _pictures(run_dir: Path, out: Path, test_set: Dataset | None, train_spec: st
             images.append(item[0])
         if len(images) == 6:
             break
-    size = max(resolved.image_size, 4 * resolved.model.patch_size)
-    # Small images are drawn larger: 28 px -> 112 px input, as the model saw crops of 28 px.
+    # Small images are drawn larger, at least 8 x 8 tokens (28 px with 14 px patches -> 112 px):
+    # positional embeddings are interpolated, so this shows the model off its training size.
+    size = max(resolved.image_size, 8 * resolved.model.patch_size)
     for k, image in enumerate(images[:3]):
         shown, x = prepare_image(image.resize((size, size)), resolved.model.patch_size, size)
         attention_picture(shown, attention_maps(resolved.model, x), out / f"attention_{k}.png")
