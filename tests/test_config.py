@@ -219,14 +219,14 @@ def test_round_trip_through_yaml(name: str, tmp_path: Path) -> None:
 def test_vit_args_from_config_builds_the_tiny_model() -> None:
     cfg = load_config("tiny")
     args = vit_args_from_config(cfg.model)
-    assert (args.embed_dim, args.depth, args.num_heads, args.patch_size) == (128, 6, 4, 4)
+    assert (args.embed_dim, args.depth, args.num_heads, args.patch_size) == (128, 6, 4, 14)
     assert args.init_values == cfg.model.layerscale and args.img_size == 28
     model = args.build()
     out = model.forward_features(torch.randn(2, 3, 28, 28))
     assert out["x_norm_clstoken"].shape == (2, 128)
-    assert out["x_norm_patchtokens"].shape == (2, 49, 128)
+    assert out["x_norm_patchtokens"].shape == (2, 4, 128)  # a 2 x 2 grid of 14 px patches
     local = model.forward_features(torch.randn(2, 3, cfg.crops.local_size, cfg.crops.local_size))
-    assert local["x_norm_patchtokens"].shape == (2, 9, 128)
+    assert local["x_norm_patchtokens"].shape == (2, 1, 128)  # a local crop is one patch
 
 
 def test_vit_args_from_config_named_sizes_and_overrides() -> None:
