@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _report import emit  # bench/ is on sys.path when a script runs
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -187,11 +188,7 @@ def main() -> int:
     doc = {"benchmark": "curate", "machine": platform.machine(), "cpu_affinity": len(os.sched_getaffinity(0)),
            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "faiss": faiss.__version__,
            "faiss_threads": faiss.omp_get_max_threads(), "shard_size": args.shard_size, "results": results}
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(doc, args.out)
     return 0
 
 

@@ -16,7 +16,6 @@ through PyTorch, not from a datasheet number. The other bench scripts import `ge
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -25,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _report import emit  # bench/ is on sys.path when a script runs
 
 
 def machine_info() -> dict:
@@ -105,11 +105,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     report = {"machine": machine_info(), **gemm_peaks(args.n, args.repeats)}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
     return 0
 
 

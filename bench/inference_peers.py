@@ -19,7 +19,6 @@ dinokit to the fastest peer. `--compile` adds every framework again under `torch
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -37,6 +36,7 @@ from dinokit.models.builders import build_official
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gemm_peak import machine_info
+from _report import emit  # bench/ is on sys.path when a script runs
 
 
 def build_peers(weights: Path | None, size: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
@@ -142,11 +142,7 @@ def main() -> int:
         "max_abs_difference_vs_dinokit": diffs,
         "results": results,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
     return 0
 
 

@@ -32,7 +32,6 @@ it single-threaded and pinned (`taskset -c 1 env OMP_NUM_THREADS=1`) so the two 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -51,6 +50,7 @@ from dinokit.train.loop import build_model, train_step
 from dinokit.train.optim import build_optimizer
 from dinokit.train.schedules import build_schedules
 from train_step import CONFIGS, synthetic_batch  # bench/train_step.py: run as `python bench/packing.py`
+from _report import emit  # bench/ is on sys.path when a script runs
 
 CANDIDATES = ("separate", "groups", "njt", "flex")
 
@@ -217,11 +217,7 @@ def main() -> int:
         "backbone": [bench_backbone(name, args.candidates, args.rounds) for name in args.configs],
         "train_step": [] if args.skip_train_step else [bench_train_step(n, args.rounds) for n in args.configs],
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
     return 0
 
 

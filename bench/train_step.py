@@ -19,7 +19,6 @@ activations), read from `resource.getrusage`.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import resource
@@ -36,6 +35,7 @@ from dinokit.data.masking import MaskingGenerator
 from dinokit.train.loop import build_model, resolve_device, train_step
 from dinokit.train.optim import build_optimizer
 from dinokit.train.schedules import build_schedules
+from _report import emit  # bench/ is on sys.path when a script runs
 
 CONFIGS = {
     "tiny": ("tiny", []),
@@ -129,11 +129,7 @@ def main() -> int:
         # what exceeds the earlier peak.
         "results": [bench(name, device, args.steps, args.warmup) for name in args.configs],
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
     return 0
 
 

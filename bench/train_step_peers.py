@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _report import emit  # bench/ is on sys.path when a script runs
 
 BENCH = Path(__file__).resolve().parent
 FRAMEWORKS = ("dinokit", "lightly")
@@ -383,11 +384,7 @@ def main() -> int:
         "summary": summary(results),
         "results": results,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
     return 0
 
 
