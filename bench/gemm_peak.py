@@ -16,7 +16,6 @@ through PyTorch, not from a datasheet number. The other bench scripts import `ge
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -24,29 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _report import emit  # bench/ is on sys.path when a script runs
-
-
-def machine_info() -> dict:
-    """The machine line of every benchmark JSON."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split()
-        isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in flags]
-    except (OSError, StopIteration):
-        isa = []
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "isa": isa,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-    }
+from _report import emit, machine_info  # bench/ is on sys.path when a script runs
 
 
 def gflops(fn: Callable[[], object], flops: float, repeats: int, warmup: int = 2) -> float:

@@ -35,8 +35,7 @@ from dinokit.export.timm import to_timm_state_dict
 from dinokit.models.builders import build_official
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gemm_peak import machine_info
-from _report import emit  # bench/ is on sys.path when a script runs
+from _report import emit, machine_info  # bench/ is on sys.path when a script runs
 
 
 def build_peers(weights: Path | None, size: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:

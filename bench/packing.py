@@ -32,7 +32,6 @@ it single-threaded and pinned (`taskset -c 1 env OMP_NUM_THREADS=1`) so the two 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -50,7 +49,7 @@ from dinokit.train.loop import build_model, train_step
 from dinokit.train.optim import build_optimizer
 from dinokit.train.schedules import build_schedules
 from train_step import CONFIGS, synthetic_batch  # bench/train_step.py: run as `python bench/packing.py`
-from _report import emit  # bench/ is on sys.path when a script runs
+from _report import emit, machine_info  # bench/ is on sys.path when a script runs
 
 CANDIDATES = ("separate", "groups", "njt", "flex")
 
@@ -208,12 +207,7 @@ def main() -> int:
     if "separate" not in args.candidates:
         args.candidates.insert(0, "separate")
     report = {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
+        "machine": machine_info(),
         "backbone": [bench_backbone(name, args.candidates, args.rounds) for name in args.configs],
         "train_step": [] if args.skip_train_step else [bench_train_step(n, args.rounds) for n in args.configs],
     }

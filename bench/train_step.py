@@ -19,7 +19,6 @@ activations), read from `resource.getrusage`.
 from __future__ import annotations
 
 import argparse
-import platform
 import random
 import resource
 import statistics
@@ -35,7 +34,7 @@ from dinokit.data.masking import MaskingGenerator
 from dinokit.train.loop import build_model, resolve_device, train_step
 from dinokit.train.optim import build_optimizer
 from dinokit.train.schedules import build_schedules
-from _report import emit  # bench/ is on sys.path when a script runs
+from _report import emit, machine_info  # bench/ is on sys.path when a script runs
 
 CONFIGS = {
     "tiny": ("tiny", []),
@@ -118,13 +117,7 @@ def main() -> int:
     args = parser.parse_args()
     device = resolve_device(args.device)
     report = {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        },
+        "machine": {**machine_info(), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         # Run small configurations first: the CPU peak-RSS growth of a later one only shows
         # what exceeds the earlier peak.
         "results": [bench(name, device, args.steps, args.warmup) for name in args.configs],

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _report import emit  # bench/ is on sys.path when a script runs
+from _report import emit, machine_info  # bench/ is on sys.path when a script runs
 
 BENCH = Path(__file__).resolve().parent
 FRAMEWORKS = ("dinokit", "lightly")
@@ -354,7 +354,7 @@ def main() -> int:
         return worker(args.worker, args.configs[0], args.precisions[0], args.threads)
 
     sys.path.insert(0, str(BENCH))
-    from gemm_peak import gemm_peaks, machine_info
+    from gemm_peak import gemm_peaks
 
     if args.threads:
         torch.set_num_threads(args.threads)

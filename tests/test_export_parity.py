@@ -37,26 +37,22 @@ def our_tokens(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([out["x_norm_clstoken"][:, None], out["x_norm_regtokens"], out["x_norm_patchtokens"]], 1)
 
 
+# Each peer: (module to import, how to run the converted model on x and get all its tokens).
+PEERS = {
+    "timm": lambda model, x: to_timm(model, img_size=EVAL_SIZE).forward_features(x),
+    "transformers": lambda model, x: to_hf(model, image_size=EVAL_SIZE)(pixel_values=x).last_hidden_state,
+}
+
+
+@pytest.mark.parametrize("peer", list(PEERS))
 @pytest.mark.parametrize("name", list(ARCHS))
-def test_timm_outputs_match(name: str) -> None:
-    pytest.importorskip("timm", reason="timm is an optional peer (pip install dinokit[bench])")
+def test_peer_outputs_match(name: str, peer: str) -> None:
+    pytest.importorskip(peer, reason=f"{peer} is an optional peer (pip install dinokit[bench])")
     model = random_model(ARCHS[name])
     x = torch.randn(2, 3, EVAL_SIZE, EVAL_SIZE)
     with torch.no_grad():
         expected = our_tokens(model, x)
-        got = to_timm(model, img_size=EVAL_SIZE).forward_features(x)
-    assert got.shape == expected.shape
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("name", list(ARCHS))
-def test_hf_outputs_match(name: str) -> None:
-    pytest.importorskip("transformers", reason="transformers is an optional peer (pip install dinokit[bench])")
-    model = random_model(ARCHS[name])
-    x = torch.randn(2, 3, EVAL_SIZE, EVAL_SIZE)
-    with torch.no_grad():
-        expected = our_tokens(model, x)
-        got = to_hf(model, image_size=EVAL_SIZE)(pixel_values=x).last_hidden_state
+        got = PEERS[peer](model, x)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
