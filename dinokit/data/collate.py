@@ -16,7 +16,7 @@ import torch
 
 from dinokit.data.masking import MaskingGenerator, RandomSource
 
-__all__ = ["collate_data_and_cast", "draw_masks"]
+__all__ = ["collate_data_and_cast", "crops_and_masks", "draw_masks"]
 
 # A sample as produced by the multi-crop dataset: ({"global_crops": [...], "local_crops": [...]}, target)
 Sample = tuple[dict[str, Sequence[torch.Tensor]], Any]
@@ -144,15 +144,21 @@ def collate_data_and_cast(
         collated_masks, upperbound = draw_masks(
             len(collated_global_crops), n_tokens, mask_ratio_tuple, mask_probability, mask_generator, random_state
         )
-    mask_indices_list = collated_masks.flatten().nonzero().flatten()
+    return crops_and_masks(collated_global_crops, collated_local_crops, collated_masks, upperbound, dtype)
+
+
+def crops_and_masks(global_crops: torch.Tensor, local_crops: torch.Tensor, masks: torch.Tensor,
+                    upperbound: int, dtype: torch.dtype) -> dict[str, Any]:
+    """The batch dict of `collate_data_and_cast` from stacked crop-major crops and (B, N) masks."""
+    mask_indices_list = masks.flatten().nonzero().flatten()
     # Each masked patch weighs 1/(masked patches in its crop), so every masked crop counts equally.
-    per_crop = 1 / collated_masks.sum(-1).clamp(min=1.0)
-    masks_weight = per_crop.unsqueeze(-1).expand_as(collated_masks)[collated_masks]
+    per_crop = 1 / masks.sum(-1).clamp(min=1.0)
+    masks_weight = per_crop.unsqueeze(-1).expand_as(masks)[masks]
 
     return {
-        "collated_global_crops": collated_global_crops.to(dtype),
-        "collated_local_crops": collated_local_crops.to(dtype),
-        "collated_masks": collated_masks,
+        "collated_global_crops": global_crops.to(dtype),
+        "collated_local_crops": local_crops.to(dtype),
+        "collated_masks": masks,
         "mask_indices_list": mask_indices_list,
         "masks_weight": masks_weight,
         "upperbound": upperbound,

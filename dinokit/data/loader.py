@@ -37,7 +37,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dinokit.data.collate import collate_data_and_cast, draw_masks
+from dinokit.data.batch_augment import BatchMultiCrop
+from dinokit.data.collate import collate_data_and_cast, crops_and_masks, draw_masks
 from dinokit.data.datasets import MultiCropDataset
 from dinokit.data.masking import MaskingGenerator
 from dinokit.data.sampler import ResumableRandomSampler
@@ -48,6 +49,7 @@ _MASK64 = (1 << 64) - 1
 # Stream tags, so the augmentation and mask seeds of one position are unrelated.
 AUG_STREAM = 1
 MASK_STREAM = 2
+BATCH_AUG_STREAM = 3
 
 
 def _splitmix64(x: int) -> int:
@@ -127,8 +129,10 @@ class MultiCropCollate:
         dtype: torch.dtype = torch.float32,
         n_tokens: int | None = None,
         group_size: int | None = None,
+        batch_transform: BatchMultiCrop | None = None,
     ) -> None:
         self.seed = int(seed)
+        self.batch_transform = batch_transform
         self.mask_generator = mask_generator
         self.mask_ratio_tuple = tuple(mask_ratio_tuple)
         self.mask_probability = mask_probability
@@ -136,14 +140,16 @@ class MultiCropCollate:
         self.n_tokens = n_tokens
         self.group_size = group_size
 
+    def _group(self, positions: list[int], kept: list[int]) -> tuple[int, int, list[int]]:
+        """(group size, first position of the group, the kept samples' offsets in the group)."""
+        if self.group_size is None:
+            return len(positions), positions[0], kept
+        start = positions[0] - positions[0] % self.group_size
+        return self.group_size, start, [positions[i] - start for i in kept]
+
     def _masks(self, positions: list[int], kept: list[int], n_global_crops: int) -> torch.Tensor:
         """Masks of the kept samples' global crops, crop-major, cut from their group's masks."""
-        if self.group_size is None:
-            group, start, offsets = len(positions), positions[0], kept
-        else:
-            group = self.group_size
-            start = positions[0] - positions[0] % group
-            offsets = [positions[i] - start for i in kept]
+        group, start, offsets = self._group(positions, kept)
         n_tokens = self.n_tokens
         if n_tokens is None:
             if not isinstance(self.mask_generator, MaskingGenerator):
@@ -155,12 +161,27 @@ class MultiCropCollate:
         # Crop c of the group's image i is row c * group + i (crop-major, as the collate stacks).
         return masks[[c * group + o for c in range(n_global_crops) for o in offsets]]
 
+    def _batch_crops(self, positions: list[int], kept: list[int], images: list[torch.Tensor]) -> dict[str, Any]:
+        """Crops of the kept images by the batch transform: its parameters are drawn for the whole
+        group from one generator seeded by the group's first position, like the masks."""
+        assert self.batch_transform is not None
+        group, start, offsets = self._group(positions, kept)
+        sizes = {tuple(im.shape) for im in images}
+        if len(sizes) != 1:
+            raise ValueError(f"batched crops need equally sized source images, got shapes {sorted(sizes)}")
+        g = torch.Generator().manual_seed(derive_seed(self.seed, BATCH_AUG_STREAM, start))
+        crops = self.batch_transform(torch.stack(images), g, rows=offsets, group=group)
+        masks = self._masks(positions, kept, 2)
+        return crops_and_masks(crops["global_crops"], crops["local_crops"], masks, int(masks.sum()), self.dtype)
+
     def __call__(self, items: Sequence[tuple[int, Any]]) -> dict[str, Any]:
         positions = [p for p, _ in items]
         kept = [i for i, (_, s) in enumerate(items) if s is not None]
         samples = [items[i][1] for i in kept]
         out: dict[str, Any] = {}
-        if samples:
+        if samples and self.batch_transform is not None:
+            out = self._batch_crops(positions, kept, [s[0] for s in samples])
+        elif samples:
             masks = self._masks(positions, kept, len(samples[0][0]["global_crops"]))
             out = collate_data_and_cast(
                 samples,
@@ -194,6 +215,7 @@ def make_train_loader(
     n_tokens: int | None = None,
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
+    batch_transform: BatchMultiCrop | None = None,
 ) -> DataLoader:
     """An infinite DataLoader of collated multi-crop batches for one rank.
 
@@ -212,6 +234,9 @@ def make_train_loader(
         rank, world_size: data sharding.
         shuffle: False -> sequential order (still sharded); mainly for debugging.
         pin_memory, prefetch_factor: passed to DataLoader.
+        batch_transform: crops a whole batch at once (`BatchMultiCrop`); then `transform` must
+            give each sample one fixed-size uint8 (3, S, S) image (`SourceImage`), and the
+            crops of a global batch are drawn from one generator seeded by its first position.
 
     Returns:
         DataLoader yielding dicts (see `MultiCropCollate`): collated_global_crops
@@ -231,7 +256,7 @@ def make_train_loader(
         len(multicrop), seed=seed, shuffle=shuffle, rank=rank, world_size=world_size, start_index=start_index
     )
     collate = MultiCropCollate(seed, mask_generator, mask_ratio_tuple, mask_probability, dtype, n_tokens,
-                               group_size=batch_size * world_size)
+                               group_size=batch_size * world_size, batch_transform=batch_transform)
     return DataLoader(
         _SeededSamples(multicrop, seed),
         batch_sampler=PositionBatchSampler(sampler, batch_size),

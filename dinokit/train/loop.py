@@ -50,6 +50,7 @@ from dinokit.config import (
     vit_args_from_config,
 )
 from dinokit.data.datasets import FashionMNIST, FileListDataset, ImageFolderDataset
+from dinokit.data.batch_augment import BatchMultiCrop, SourceImage
 from dinokit.data.loader import derive_seed, make_train_loader
 from dinokit.data.masking import MaskingGenerator
 from dinokit.data.transforms import MultiCropAugmentation
@@ -139,6 +140,10 @@ def build_loader(cfg: Config, dataset: Any, start_index: int, rank: int = 0, wor
         blur_p=tuple(c.blur_p),
         solarize_p=c.solarize_p,
     )
+    batch_transform = None
+    if c.batched:
+        batch_transform = BatchMultiCrop.from_multicrop(transform)
+        transform = SourceImage(c.source_size or c.global_size)
     grid = c.global_size // cfg.model.patch_size
     # Rectangles up to half the grid; the official value has an operator-precedence quirk
     # (see dinokit.data.masking.official_max_num_patches) that is not worth reproducing here.
@@ -156,6 +161,7 @@ def build_loader(cfg: Config, dataset: Any, start_index: int, rank: int = 0, wor
         dtype=dtype,
         rank=rank,
         world_size=world_size,
+        batch_transform=batch_transform,
     )
     return iter(loader)
 
