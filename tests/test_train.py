@@ -78,11 +78,14 @@ def test_train_writes_metrics_checkpoints_and_a_loadable_teacher(image_folder: P
 
 
 def test_stop_and_resume_equals_uninterrupted_run_bitwise(image_folder: Path, tmp_path: Path) -> None:
+    # The per-image crop path (the tiny preset crops in batches; tests/test_batch_augment.py
+    # resumes that one).
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(_cfg(image_folder, "train.max_steps=6", "checkpoint.every=100"), straight)
-    train(_cfg(image_folder, "train.max_steps=3", "checkpoint.every=100"), resumed)
+    per_image = "crops.batched=false"
+    train(_cfg(image_folder, "train.max_steps=6", "checkpoint.every=100", per_image), straight)
+    train(_cfg(image_folder, "train.max_steps=3", "checkpoint.every=100", per_image), resumed)
     assert len(read_metrics(resumed)) == 3
-    train(_cfg(image_folder, "train.max_steps=6", "checkpoint.every=100"), resumed)
+    train(_cfg(image_folder, "train.max_steps=6", "checkpoint.every=100", per_image), resumed)
     assert _losses(resumed) == _losses(straight)
     a = load_file(str(straight / "teacher_backbone.safetensors"))
     b = load_file(str(resumed / "teacher_backbone.safetensors"))
