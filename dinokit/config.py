@@ -97,6 +97,8 @@ class CropsConfig:
     global_scale: tuple[float, float] = (0.32, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.32)
     flip_p: float = 0.5
+    # ColorJitter strengths (brightness, contrast, saturation, hue), torchvision's meaning.
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     color_jitter_p: float = 0.8
     grayscale_p: float = 0.2
     blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
@@ -670,6 +672,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for name in ("flip_p", "color_jitter_p", "grayscale_p", "solarize_p"):
         need(0.0 <= getattr(c, name) <= 1.0, f"crops.{name} must be in [0, 1], got {getattr(c, name)}")
     need(all(0.0 <= p <= 1.0 for p in c.blur_p), f"crops.blur_p values must be in [0, 1], got {c.blur_p}")
+    need(len(c.color_jitter) == 4 and all(v >= 0 for v in c.color_jitter) and c.color_jitter[3] <= 0.5,
+         f"crops.color_jitter must be 4 values (brightness, contrast, saturation, hue) >= 0 with hue <= 0.5, "
+         f"got {c.color_jitter}")
     ev = cfg.eval
     need(ev.knn_every >= 0, f"eval.knn_every must be >= 0 (0 = off), got {ev.knn_every}")
     need(ev.knn_every == 0 or bool(ev.knn_val), "eval.knn_val must name a labeled validation set when eval.knn_every > 0")

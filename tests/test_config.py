@@ -250,3 +250,13 @@ def test_augmentation_probabilities_are_validated() -> None:
         load_config("tiny", ["crops.blur_p=[0.5, 2, 0.2]"])
     with pytest.raises(ConfigError, match="crops.blur_p"):
         load_config("tiny", ["crops.blur_p=[0.5, 0.2]"])
+
+
+def test_colour_jitter_strengths_are_validated() -> None:
+    assert load_config("tiny", ["crops.color_jitter=[0.8, 0.8, 0, 0]"]).crops.color_jitter == (0.8, 0.8, 0.0, 0.0)
+    with pytest.raises(ConfigError, match="crops.color_jitter"):
+        load_config("tiny", ["crops.color_jitter=[0.4, -0.1, 0.2, 0.1]"])
+    with pytest.raises(ConfigError, match="crops.color_jitter"):
+        load_config("tiny", ["crops.color_jitter=[0.4, 0.4, 0.2, 0.7]"])
+    with pytest.raises(ConfigError, match="crops.color_jitter"):
+        load_config("tiny", ["crops.color_jitter=[0.4, 0.4]"])

@@ -135,6 +135,7 @@ def build_loader(cfg: Config, dataset: Any, start_index: int, rank: int = 0, wor
         local_crops_scale=tuple(c.local_scale),
         local_crops_number=c.local_number,
         flip_p=c.flip_p,
+        color_jitter=tuple(c.color_jitter),
         color_jitter_p=c.color_jitter_p,
         grayscale_p=c.grayscale_p,
         blur_p=tuple(c.blur_p),
