@@ -59,8 +59,8 @@ def quickstart_config(train_spec: str, fashion_mnist: bool, steps: int | None, p
     items = [f"data.path={train_spec}"]
     if fashion_mnist:
         items += ["data.dataset=fashion_mnist",
-                  # Online k-NN on a small subsample every 250 steps, for the curves.
-                  "eval.knn_every=250", f"eval.knn_train=fashion_mnist:{train_spec}",
+                  # Online k-NN on a small subsample every 500 steps, for the curves.
+                  "eval.knn_every=500", f"eval.knn_train=fashion_mnist:{train_spec}",
                   f"eval.knn_val=fashion_mnist:{train_spec}", "eval.knn_train_size=5000", "eval.knn_val_size=1000"]
     if steps is not None:
         items.append(f"train.max_steps={steps}")

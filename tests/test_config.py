@@ -169,7 +169,7 @@ def test_bad_overrides_name_the_item(item: str, match: str) -> None:
         (["loss.mask_probability=1.5"], "loss.mask_probability"),
         (["optim.batch_size=1"], "optim.batch_size"),  # KoLeo needs a neighbour
         (["optim.epoch_length=0"], "optim.epoch_length"),
-        (["optim.warmup_epochs=20"], "optim.warmup_epochs"),
+        (["optim.warmup_epochs=30"], "optim.warmup_epochs"),
         (["model.arch=vit_huge"], "model.arch"),
         (["model.num_heads=5"], "model.embed_dim"),
         (["head.out_dim=0"], "head.out_dim"),
