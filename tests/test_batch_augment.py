@@ -67,7 +67,7 @@ def test_full_crop_without_augmentation_is_the_normalised_image() -> None:
 def test_a_native_scale_box_is_the_sub_window() -> None:
     images = _images(2).float() / 255
     aug = BatchMultiCrop(28, 14, local_crops_number=0, **OFF)
-    params = aug._draw(2, 14, (0.25, 0.25), 0.0, 0.0, 28, 28, torch.Generator().manual_seed(0))
+    params = aug._draw(2, (0.25, 0.25), 0.0, 0.0, 28, 28, torch.Generator().manual_seed(0))
     params["box"] = torch.tensor([[3, 5, 14, 14], [10, 0, 14, 14]])
     out = aug._crop(images, params, 14, 3)
     torch.testing.assert_close(out[0], images[0, :, 3:17, 5:19], atol=1e-5, rtol=0)

@@ -31,7 +31,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from dinokit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, _RRC_RATIO, MultiCropAugmentation
+from dinokit.data.transforms import _RRC_RATIO, MultiCropAugmentation
 
 __all__ = ["BatchMultiCrop", "SourceImage", "resized_crop_params"]
 
@@ -158,81 +158,51 @@ def _gaussian_kernels(sigma: Tensor, size: int) -> Tensor:
 class BatchMultiCrop:
     """`MultiCropAugmentation`'s recipe applied to a batch; see the module docstring.
 
-    Args: as `MultiCropAugmentation` (sizes, scales, probabilities, jitter strengths, blur sigma
-    and kernel). `from_multicrop(aug)` copies them from a per-image augmentation.
+    Args: those of `MultiCropAugmentation` (sizes, scales, probabilities, jitter strengths, blur
+    sigma and kernel), which validates them and derives the jitter ranges and blur kernels;
+    `from_multicrop(aug)` takes an existing one.
 
-    `__call__(images, generator=None, rows=None)`:
-        images: (n, 3, S, S) uint8 (or float in [0, 1]); rows: the indices of the images to keep
-            when the parameters are drawn for a larger group (n = group size; default all).
+    `__call__(images, generator=None, rows=None, group=None)`:
+        images: (m, 3, S, S) uint8 (or float in [0, 1]) images of this process; rows: their
+            indices in a group of `group` images whose parameters are all drawn (default: the m
+            images are the group).
         Returns {"global_crops": (2m, 3, G, G), "local_crops": (L*m, 3, l, l)} float32, normalised,
-        crop-major (m = len(rows)): the layout of `collate_data_and_cast`.
+        crop-major: the layout of `collate_data_and_cast`.
     """
 
-    def __init__(
-        self,
-        global_crops_size: int = 224,
-        local_crops_size: int = 98,
-        global_crops_scale: tuple[float, float] = (0.32, 1.0),
-        local_crops_scale: tuple[float, float] = (0.05, 0.32),
-        local_crops_number: int = 8,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        flip_p: float = 0.5,
-        color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
-        color_jitter_p: float = 0.8,
-        grayscale_p: float = 0.2,
-        blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5),
-        solarize_p: float = 0.2,
-        blur_sigma: tuple[float, float] = (0.1, 2.0),
-        blur_kernel_size: int | None = None,
-    ) -> None:
-        # The per-image class validates the arguments and derives the ranges and kernels.
-        ref = MultiCropAugmentation(
-            global_crops_size, local_crops_size, global_crops_scale, local_crops_scale, local_crops_number,
-            mean, std, flip_p, color_jitter, color_jitter_p, grayscale_p, blur_p, solarize_p, blur_sigma,
-            blur_kernel_size,
-        )
-        self._init_from(ref)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._use(MultiCropAugmentation(*args, **kwargs))
 
     @classmethod
     def from_multicrop(cls, aug: MultiCropAugmentation) -> "BatchMultiCrop":
         out = cls.__new__(cls)
-        out._init_from(aug)
+        out._use(aug)
         return out
 
-    def _init_from(self, a: MultiCropAugmentation) -> None:
-        self.global_crops_size, self.local_crops_size = a.global_crops_size, a.local_crops_size
-        self.global_crops_scale, self.local_crops_scale = a.global_crops_scale, a.local_crops_scale
-        self.local_crops_number = a.local_crops_number
-        self.mean = torch.tensor(a.mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(a.std).view(1, 3, 1, 1)
-        self.flip_p, self.color_jitter_p, self.grayscale_p = a.flip_p, a.color_jitter_p, a.grayscale_p
-        self.blur_p, self.solarize_p, self.blur_sigma = a.blur_p, a.solarize_p, a.blur_sigma
-        self.global_kernel, self.local_kernel = a.global_kernel, a.local_kernel
-        self.jitter_ranges = a._jitter_ranges
+    def _use(self, recipe: MultiCropAugmentation) -> None:
+        self.recipe = recipe
+        self.mean = torch.tensor(recipe.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(recipe.std).view(1, 3, 1, 1)
 
     def __repr__(self) -> str:
-        return (
-            f"BatchMultiCrop(global={self.global_crops_size}px {self.global_crops_scale} x2, "
-            f"local={self.local_crops_size}px {self.local_crops_scale} x{self.local_crops_number}, "
-            f"blur_p={self.blur_p}, kernels=({self.global_kernel}, {self.local_kernel}))"
-        )
+        return f"BatchMultiCrop({self.recipe!r})"
 
     # -- parameters: drawn for a whole group of images, in a fixed order --
 
-    def _draw(self, n: int, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float,
+    def _draw(self, n: int, scale: tuple[float, float], blur_p: float, solarize_p: float,
               height: int, width: int, g: torch.Generator | None) -> dict[str, Tensor]:
         """The random parameters of n crops of one kind (one per image of the group)."""
+        a = self.recipe
         p: dict[str, Tensor] = {"box": resized_crop_params(n, height, width, scale, g),
-                                "flip": torch.rand(n, generator=g) < self.flip_p,
-                                "jitter": torch.rand(n, generator=g) <= self.color_jitter_p,
+                                "flip": torch.rand(n, generator=g) < a.flip_p,
+                                "jitter": torch.rand(n, generator=g) <= a.color_jitter_p,
                                 "order": torch.rand(n, 4, generator=g).argsort(1)}
-        for name, r in zip(("brightness", "contrast", "saturation", "hue"), self.jitter_ranges):
+        for name, r in zip(("brightness", "contrast", "saturation", "hue"), a._jitter_ranges):
             if r is not None:
                 p[name] = torch.empty(n).uniform_(r[0], r[1], generator=g)
-        p["gray"] = torch.rand(n, generator=g) < self.grayscale_p
+        p["gray"] = torch.rand(n, generator=g) < a.grayscale_p
         p["blur"] = torch.rand(n, generator=g) < blur_p
-        p["sigma"] = torch.empty(n).uniform_(self.blur_sigma[0], self.blur_sigma[1], generator=g)
+        p["sigma"] = torch.empty(n).uniform_(a.blur_sigma[0], a.blur_sigma[1], generator=g)
         p["solarize"] = torch.rand(n, generator=g) < solarize_p
         return p
 
@@ -294,18 +264,17 @@ class BatchMultiCrop:
         keep = torch.arange(m) if rows is None else torch.as_tensor(rows, dtype=torch.long)
         if len(keep) != m or (m and int(keep.max()) >= group):
             raise ValueError(f"rows must give one index < group ({group}) per image, got {len(keep)} for {m} images")
-        g = generator
-        gs, ls, gk, lk = self.global_crops_size, self.local_crops_size, self.global_kernel, self.local_kernel
+        g, a = generator, self.recipe
+        gs, ls, gk, lk = a.global_crops_size, a.local_crops_size, a.global_kernel, a.local_kernel
         # Every parameter is drawn for the whole group first, so this process's images get the
         # same crops whichever rows it holds; pixels are computed for the kept rows only.
-        kinds = [(gs, gk, self._draw(group, gs, self.global_crops_scale, self.blur_p[0], 0.0, height, width, g)),
-                 (gs, gk, self._draw(group, gs, self.global_crops_scale, self.blur_p[1], self.solarize_p,
-                                     height, width, g))]
-        kinds += [(ls, lk, self._draw(group, ls, self.local_crops_scale, self.blur_p[2], 0.0, height, width, g))
-                  for _ in range(self.local_crops_number)]
+        kinds = [(gs, gk, self._draw(group, a.global_crops_scale, a.blur_p[0], 0.0, height, width, g)),
+                 (gs, gk, self._draw(group, a.global_crops_scale, a.blur_p[1], a.solarize_p, height, width, g))]
+        kinds += [(ls, lk, self._draw(group, a.local_crops_scale, a.blur_p[2], 0.0, height, width, g))
+                  for _ in range(a.local_crops_number)]
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         crops = [self._crop(x, {k: v[keep] for k, v in p.items()}, size, kernel) for size, kernel, p in kinds]
-        local_crops = torch.cat(crops[2:]) if self.local_crops_number else torch.empty(0, 3, ls, ls)
+        local_crops = torch.cat(crops[2:]) if a.local_crops_number else torch.empty(0, 3, ls, ls)
         return {"global_crops": self._normalize(torch.cat(crops[:2])), "local_crops": self._normalize(local_crops)}
 
     def _normalize(self, x: Tensor) -> Tensor:
