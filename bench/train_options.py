@@ -1,0 +1,88 @@
+"""Real-run throughput of the training options on a short tiny-preset pretraining (JSON out).
+
+    .venv/bin/python bench/train_options.py --steps 600 --rounds 2 \
+        --out bench/results/train_options_cpu.json
+
+Unlike `train_step.py` (synthetic crops, one step in isolation), each variant here is a whole
+`dinokit train --preset tiny` run on Fashion-MNIST, data loading included, launched as its own
+process (torchrun for the multi-rank variants). The number is the mean of the `images_per_s`
+that the run logs for its steps after `--skip` (start-up, compilation and warm-up excluded).
+Variants run in alternating rounds so that drift of a shared machine hits them alike; compare
+the ratios to `default` in one report, not absolute numbers across machines. Run by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from dinokit.data.datasets import FASHION_MNIST_DIR
+from _report import emit, machine_info  # bench/ is on sys.path when a script runs
+
+# name -> (ranks, overrides). Ranks > 1 run under torchrun with one thread each (gloo on CPU).
+VARIANTS: dict[str, tuple[int, list[str]]] = {
+    "default": (1, []),
+    "one_loader_worker": (1, ["data.num_workers=1"]),
+    "compile": (1, ["train.compile=true"]),
+    "bf16_autocast": (1, ["train.autocast=bf16"]),
+    "two_ranks": (2, ["data.num_workers=0"]),
+}
+
+
+def run_variant(name: str, steps: int, skip: int, data: str, work: Path) -> float:
+    ranks, overrides = VARIANTS[name]
+    out = work / name
+    shutil.rmtree(out, ignore_errors=True)
+    args = ["train", "--preset", "tiny", "--out", str(out), data, "data.dataset=fashion_mnist",
+            f"train.max_steps={steps}", "checkpoint.every=1000000", *overrides]
+    env = dict(os.environ)
+    if ranks == 1:
+        command = [sys.executable, "-m", "dinokit.cli", *args]
+    else:
+        env["OMP_NUM_THREADS"] = "1"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                   "-m", "dinokit.cli", *args]
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    speeds = [row["images_per_s"] for row in rows if row["step"] > skip]
+    if not speeds:
+        raise SystemExit(f"{name}: no logged step after --skip {skip} (ran {len(rows)} steps)")
+    return statistics.fmean(speeds)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--skip", type=int, default=100, help="steps left out of the mean (warm-up)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--data", default=FASHION_MNIST_DIR, help="the Fashion-MNIST IDX folder")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args()
+    speeds: dict[str, list[float]] = {name: [] for name in args.variants}
+    with tempfile.TemporaryDirectory(prefix="dinokit-train-options-") as tmp:
+        for _ in range(args.rounds):
+            for name in args.variants:
+                speeds[name].append(run_variant(name, args.steps, args.skip, args.data, Path(tmp)))
+    base = statistics.fmean(speeds["default"]) if "default" in speeds else None
+    results = []
+    for name in args.variants:
+        mean = statistics.fmean(speeds[name])
+        results.append({"variant": name, "ranks": VARIANTS[name][0], "overrides": VARIANTS[name][1],
+                        "images_per_s": round(mean, 1), "per_round": [round(s, 1) for s in speeds[name]],
+                        "vs_default": round(mean / base, 3) if base else None})
+    report = {"machine": {**machine_info(), "cpus": os.cpu_count()}, "steps": args.steps, "skip": args.skip,
+              "rounds": args.rounds, "results": results}
+    emit(report, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
