@@ -33,6 +33,9 @@ VARIANTS: dict[str, tuple[int, list[str]]] = {
     "compile": (1, ["train.compile=true"]),
     "bf16_autocast": (1, ["train.autocast=bf16"]),
     "two_ranks": (2, ["data.num_workers=0"]),
+    # Not speed-only: a larger batch changes the recipe (the lr follows the scaling rule).
+    "batch_128": (1, ["optim.batch_size=128"]),
+    "batch_256": (1, ["optim.batch_size=256"]),
 }
 
 
