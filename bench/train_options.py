@@ -1,6 +1,6 @@
 """Real-run throughput of the training options on a short tiny-preset pretraining (JSON out).
 
-    .venv/bin/python bench/train_options.py --steps 600 --rounds 2 \
+    .venv/bin/python bench/train_options.py --steps 400 --skip 100 --rounds 2 \
         --out bench/results/train_options_cpu.json
 
 Unlike `train_step.py` (synthetic crops, one step in isolation), each variant here is a whole
