@@ -51,8 +51,9 @@ def _train(args: argparse.Namespace) -> int:
     from dinokit.train.loop import NonFiniteLossError, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    init = [f"init.backbone={args.init}"] if args.init else []
     try:
-        cfg = load_config(args.preset, [f"data.path={args.data}", *args.overrides])
+        cfg = load_config(args.preset, [f"data.path={args.data}", *init, *args.overrides])
         result = train(cfg, args.out)
     except (ConfigError, DatasetError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -63,6 +64,37 @@ def _train(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         print(f"done: {result.steps_done} steps, loss {result.final_loss:.4f}, "
               f"{result.skipped_images} images skipped; teacher backbone in {args.out}/teacher_backbone.safetensors")
+    return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    import json
+    import logging
+
+    from dinokit.checkpoint import CheckpointError
+    from dinokit.config import ConfigError, load_config, validate
+    from dinokit.data.datasets import DatasetError
+    from dinokit.train.distill import distill_config_with_teacher_heads
+    from dinokit.train.loop import NonFiniteLossError, train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    items = [f"data.path={args.data}", f"distill.teacher={args.teacher}",
+             f"distill.students={json.dumps(args.student or [])}"]
+    if args.teacher_arch:
+        items.append(f"distill.teacher_arch={args.teacher_arch}")
+    try:
+        cfg = distill_config_with_teacher_heads(load_config(args.preset, [*items, *args.overrides]))
+        validate(cfg)
+        result = train(cfg, args.out)
+    except (ConfigError, DatasetError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    if os.environ.get("RANK", "0") == "0":
+        print(f"done: {result.steps_done} steps, loss {result.final_loss:.4f}, {result.skipped_images} images "
+              f"skipped; students (their EMA backbones) in {args.out}/students/")
     return 0
 
 
@@ -98,8 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("data", help="image folder, file list, or Fashion-MNIST folder (with data.dataset=...)")
     tr.add_argument("--preset", default="tiny", help="tiny, vits14, vitb14, vitl14, vitg14, vitl16_short, dino_vits16")
     tr.add_argument("--out", type=Path, required=True, help="run folder (created, or resumed if it exists)")
+    tr.add_argument("--init", default=None, metavar="BACKBONE",
+                    help="start from these weights: a run folder, an official hub or training checkpoint, "
+                         "a safetensors file (sets init.backbone)")
     tr.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=300")
     tr.set_defaults(func=_train)
+
+    di = sub.add_parser("distill", help="distill a frozen teacher into one or several students (resumes an existing --out)")
+    di.add_argument("data", help="image folder, file list, or Fashion-MNIST folder (with data.dataset=...)")
+    di.add_argument("--teacher", required=True, help="run folder, or official / dinokit checkpoint file")
+    di.add_argument("--teacher-arch", default=None, help="official architecture of a teacher file (default: from its name)")
+    di.add_argument("--student", action="append", metavar="ARCH",
+                    help="[SIZE][,key=value...] over the preset's model section, e.g. vit_small or depth=4; "
+                         "repeat for several students (default: one of the preset's model)")
+    di.add_argument("--preset", default="tiny", help="crops, heads and schedules (see dinokit train)")
+    di.add_argument("--out", type=Path, required=True, help="run folder (created, or resumed if it exists)")
+    di.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=300")
+    di.set_defaults(func=_distill)
 
     qs = sub.add_parser("quickstart", help="pretrain (tiny preset), evaluate against baselines, write report.md")
     qs.add_argument("--data", type=Path, default=None, help="image folder (default: Fashion-MNIST)")
@@ -133,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides (key=value) may come before or after options: collect what argparse leaves over.
     args, extra = parser.parse_known_args(argv)
     unknown = [item for item in extra if item.startswith("-") or "=" not in item]
-    if unknown or (extra and args.command not in ("train", "quickstart")):
+    if unknown or (extra and args.command not in ("train", "distill", "quickstart")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]

@@ -40,8 +40,11 @@ __all__ = [
     "ConfigError",
     "CropsConfig",
     "DataConfig",
+    "DistillConfig",
     "DistributedConfig",
     "HeadConfig",
+    "HighResConfig",
+    "InitConfig",
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
@@ -56,6 +59,7 @@ __all__ = [
     "load_preset",
     "save_config",
     "schedule_args",
+    "student_models",
     "validate",
     "vit_args_from_config",
 ]
@@ -241,6 +245,11 @@ class TrainConfig:
     packing: Literal["auto"] | bool = "auto"
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, more time
     compile: bool = False  # torch.compile each block of student and teacher (slow first step)
+    # Continued pretraining (docs/finetuning.md): the first `head_warmup_steps` train only the
+    # heads (student backbone frozen, so the teacher backbone stays equal to it); then the
+    # backbone's lr ramps linearly from 0 over `backbone_lr_warmup_steps`.
+    head_warmup_steps: int = 0
+    backbone_lr_warmup_steps: int = 0
 
 
 @dataclass
@@ -269,6 +278,53 @@ class EvalConfig:
 
 
 @dataclass
+class InitConfig:
+    """Start from trained weights instead of random initialisation (`dinokit train --init`).
+
+    `backbone`: a run folder, an official hub or training checkpoint, or a safetensors file (what
+    `dinokit.checkpoint.load_backbone` reads), loaded into student and teacher. Its positional
+    embedding is resized to `model.img_size` when the grids differ. `heads`: also load the DINO /
+    iBOT heads when the source has them (a run folder, an official training checkpoint); false
+    starts fresh heads whatever the source holds."""
+
+    backbone: str = ""
+    heads: bool = True
+
+
+@dataclass
+class HighResConfig:
+    """A last phase at other crop sizes (DINOv2's high-resolution adaptation): from step
+    `start_step` on, global / local crops of `global_size` / `local_size` pixels and batches of
+    `batch_size` images (None: unchanged). The positional embeddings of every network are resized
+    to the new global grid once, at the switch; schedules continue. `start_step: null` = no phase."""
+
+    start_step: int | None = None
+    global_size: int | None = None
+    local_size: int | None = None
+    batch_size: int | None = None
+
+
+@dataclass
+class DistillConfig:
+    """Distillation from a frozen teacher (`dinokit distill`); `teacher: ""` = ordinary
+    self-distillation from the EMA teacher.
+
+    `teacher`: a run folder or a checkpoint file; `teacher_arch` names the official architecture
+    of a file (`dinov2_vitg14`; inferred from a file name that starts with one). `students`: one
+    item per student, `[SIZE][,key=value...]` over the `model` section (`vit_small`,
+    `depth=4`, `vit_tiny,embed_dim=128,num_heads=4`); empty = one student of the `model` section.
+    `teacher_dtype`: bfloat16 runs the frozen teacher in bf16 (its targets in float32).
+    `teacher_head_warmup_steps`: a teacher without heads first gets heads trained on its frozen
+    backbone for this many steps (a `dinokit train --init` run inside the run folder)."""
+
+    teacher: str = ""
+    teacher_arch: str = ""
+    students: tuple[str, ...] = ()
+    teacher_dtype: Literal["float32", "bfloat16"] = "float32"
+    teacher_head_warmup_steps: int = 1000
+
+
+@dataclass
 class Config:
     """The whole configuration of a `dinokit train` run."""
 
@@ -282,6 +338,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    highres: HighResConfig = field(default_factory=HighResConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     @property
     def total_steps(self) -> int:
@@ -318,6 +377,8 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin in (typing.Union, types.UnionType):
         return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return f"a list of {_type_name(args[0])}"
     if origin is tuple:
         return f"a list of {len(args)} {_type_name(args[0])}" if len(set(args)) == 1 else str(tp)
     if _is_section(tp):
@@ -349,6 +410,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str) and value in args:
             return value
         raise _type_error(key, tp, value)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(key, tp, value)
+        return tuple(_coerce(v, args[0], key) for v in value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise _type_error(key, tp, value)
@@ -681,10 +746,82 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for name in ("knn_train_size", "knn_val_size", "knn_k"):
         need(getattr(ev, name) >= 1, f"eval.{name} must be >= 1, got {getattr(ev, name)}")
 
+    problems += _start_problems(cfg, world_size)
+
     bad = [key for key, v in _walk_floats(cfg, "") if not math.isfinite(v)]
     need(not bad, f"{', '.join(bad)}: NaN or infinite values are not allowed")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems), problems)
+
+
+def _start_problems(cfg: Config, world_size: int) -> list[str]:
+    """Checks of the init / head warm-up / high-resolution phase / distillation settings."""
+    problems: list[str] = []
+    tr, hr, dist, p = cfg.train, cfg.highres, cfg.distill, max(cfg.model.patch_size, 1)
+    for name in ("head_warmup_steps", "backbone_lr_warmup_steps"):
+        if getattr(tr, name) < 0:
+            problems.append(f"train.{name} must be >= 0, got {getattr(tr, name)}")
+    if tr.head_warmup_steps > 0 and not cfg.init.backbone:
+        problems.append("train.head_warmup_steps needs init.backbone (--init): warming heads up on a "
+                        "random backbone teaches them nothing")
+    if hr.start_step is not None:
+        if not 0 <= hr.start_step < cfg.total_steps:
+            problems.append(f"highres.start_step ({hr.start_step}) must be in [0, {cfg.total_steps}), the "
+                            f"schedule's length (optim.epochs x optim.epoch_length): the phase would never start")
+        for name in ("global_size", "local_size"):
+            size = getattr(hr, name)
+            if size is not None and (size < 1 or size % p):
+                problems.append(f"highres.{name} ({size}) must be a positive multiple of model.patch_size ({p})")
+        if hr.batch_size is not None and (hr.batch_size < 1 or hr.batch_size % max(world_size, 1)):
+            problems.append(f"highres.batch_size ({hr.batch_size}) must be >= 1 and divisible by the number "
+                            f"of ranks ({world_size})")
+        if (hr.global_size, hr.local_size, hr.batch_size) == (None, None, None):
+            problems.append("highres.start_step is set but highres.global_size, local_size and batch_size are "
+                            "all null: the phase would change nothing")
+        if world_size > 1 and tr.distributed.strategy == "fsdp":
+            problems.append("highres: resizing the sharded positional embedding under "
+                            "train.distributed.strategy=fsdp is not supported; use ddp")
+    if dist.teacher:
+        if cfg.init.backbone:
+            problems.append("init.backbone and distill.teacher are both set: distillation students start "
+                            "from random initialisation")
+        if cfg.loss.mode != "dinov2":
+            problems.append("distill.teacher needs loss.mode 'dinov2' (the DINOv2 distillation recipe)")
+        if dist.teacher_head_warmup_steps < 1:
+            problems.append(f"distill.teacher_head_warmup_steps must be >= 1, got {dist.teacher_head_warmup_steps}")
+        try:
+            student_models(cfg)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    elif dist.students:
+        problems.append("distill.students needs distill.teacher (--teacher)")
+    return problems
+
+
+def student_models(cfg: Config) -> dict[str, ModelConfig]:
+    """The distillation students: `student{i}` -> the `model` section with the i-th item of
+    `distill.students` applied, and stochastic depth off (the DINOv2 distillation recipe) unless
+    the item sets it. Raises ConfigError naming the item and key."""
+    specs = cfg.distill.students or ("",)
+    out: dict[str, ModelConfig] = {}
+    for i, spec in enumerate(specs):
+        items = [part.strip() for part in spec.split(",") if part.strip()]
+        overrides = ["model.drop_path_rate=0.0"]
+        for item in items:
+            if "=" not in item:
+                if item not in VIT_SIZES:
+                    raise ConfigError(f"distill.students[{i}] {spec!r}: {item!r} is not a ViT size "
+                                      f"({', '.join(VIT_SIZES)}) nor a key=value item")
+                # A named size brings its own width, depth and heads (later items may change them).
+                overrides += [f"model.arch={item}", "model.embed_dim=null", "model.depth=null", "model.num_heads=null"]
+            else:
+                overrides.append(f"model.{item}")
+        try:
+            model = apply_overrides(dataclasses.replace(cfg, model=cfg.model), overrides).model
+        except ConfigError as exc:
+            raise ConfigError(f"distill.students[{i}] {spec!r}: {exc}") from None
+        out[f"student{i}"] = model
+    return out
 
 
 def _walk_floats(obj: Any, prefix: str) -> list[tuple[str, float]]:

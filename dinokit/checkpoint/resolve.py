@@ -1,17 +1,20 @@
 """One way to name a backbone on the command line: a run folder, a checkpoint file or an architecture.
 
 - a `dinokit train` run folder: its `config.yaml` gives the architecture and
-  `teacher_backbone.safetensors` the weights (the EMA teacher is the model that is released);
+  `teacher_backbone.safetensors` the weights (the EMA teacher is the model that is released),
+  with the positional grid and evaluation size of a high-resolution phase once it ran; a
+  distillation student's folder (`RUN/students/NAME`) is one too;
 - a checkpoint file (`.pth` / `.safetensors`, official or dinokit) together with `arch`;
 - a named architecture (`dinov2_vits14`, ...) alone: random initialisation, for baselines.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from dinokit.checkpoint.loading import CheckpointError, load_backbone
+from dinokit.checkpoint.loading import CheckpointError, load_backbone, read_checkpoint
 from dinokit.models.builders import OFFICIAL_ARCHS, build_official
 from dinokit.models.vision_transformer import VisionTransformer
 
@@ -66,14 +69,25 @@ def _from_run(run_dir: Path, random_init: bool) -> ResolvedBackbone:
     if not config_path.is_file():
         raise CheckpointError(f"{run_dir} is not a dinokit run folder: config.yaml is missing")
     cfg = load_config_file(config_path)
+    if cfg.distill.teacher:
+        names = ", ".join(sorted(p.name for p in (run_dir / "students").iterdir())) if (run_dir / "students").is_dir() else ""
+        raise CheckpointError(f"{run_dir} is a distillation run: name one of its students, {run_dir}/students/NAME"
+                              + (f" ({names})" if names else ""))
     model = vit_args_from_config(cfg.model, use_mask_token=cfg.loss.mode != "dino").build()
     weights = run_dir / "teacher_backbone.safetensors"
+    image_size = cfg.crops.global_size
     if random_init:
         source = f"{run_dir} architecture (random initialisation)"
     else:
         if not weights.is_file():
             raise CheckpointError(f"{weights} does not exist: the run has not written a checkpoint yet")
+        state = read_checkpoint(weights)
+        if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
+            # Written after a resolution switch (highres): the grid of that phase.
+            grid = math.isqrt(state["pos_embed"].shape[1] - 1)
+            model.resize_pos_embed_(grid * model.patch_size)
+            if cfg.highres.global_size == grid * model.patch_size:
+                image_size = cfg.highres.global_size
         load_backbone(model, weights)
         source = str(weights)
-    return ResolvedBackbone(model.eval(), source, cfg.crops.global_size)
-
+    return ResolvedBackbone(model.eval(), source, image_size)

@@ -49,6 +49,7 @@ from dinokit.distributed.env import DistEnv
 
 __all__ = [
     "checkpoint_dirs",
+    "checkpoint_step",
     "export_backbone",
     "full_state_dict",
     "latest_checkpoint",
@@ -73,6 +74,11 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and _complete(p)]
     return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The step a checkpoint folder (`step_XXXXXXXX`) was written at."""
+    return int(folder.name[5:])
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

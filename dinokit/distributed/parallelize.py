@@ -38,7 +38,7 @@ __all__ = ["DTYPES", "parallelize"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def parallelize(model: nn.Module, cfg: DistributedConfig, env: DistEnv) -> nn.Module:
+def parallelize(model: nn.Module, cfg: DistributedConfig, env: DistEnv, find_unused_parameters: bool = False) -> nn.Module:
     """Apply `cfg.strategy` to an SSLModel in place (FSDP) or around it (DDP).
 
     Args:
@@ -47,6 +47,8 @@ def parallelize(model: nn.Module, cfg: DistributedConfig, env: DistEnv) -> nn.Mo
         cfg: strategy and dtypes.
         env: this process's rank, world size and device; needs a process group unless the
             strategy is `none`.
+        find_unused_parameters: DDP's option, for runs where some parameters get no gradient
+            in some steps (a frozen backbone during a head warm-up).
 
     Returns:
         The module to call for the training forward: the DDP wrapper, or `model` itself (FSDP
@@ -58,14 +60,15 @@ def parallelize(model: nn.Module, cfg: DistributedConfig, env: DistEnv) -> nn.Mo
     if not env.distributed:
         raise RuntimeError(f"train.distributed.strategy {cfg.strategy!r} needs a process group (launch with torchrun)")
     if cfg.strategy == "ddp":
-        return _apply_ddp(model, cfg, env)
+        return _apply_ddp(model, cfg, env, find_unused_parameters)
     _apply_fsdp(model, cfg, env)
     return model
 
 
-def _apply_ddp(model: nn.Module, cfg: DistributedConfig, env: DistEnv) -> nn.Module:
+def _apply_ddp(model: nn.Module, cfg: DistributedConfig, env: DistEnv, find_unused_parameters: bool) -> nn.Module:
     ddp = DistributedDataParallel(
         model,
+        find_unused_parameters=find_unused_parameters,
         device_ids=[env.device.index] if env.device.type == "cuda" else None,
         # The only buffers are the loss centers, kept equal by their own all_reduce: no need to
         # broadcast them every forward (they are equal at init anyway).
@@ -84,7 +87,10 @@ def _apply_fsdp(model: nn.Module, cfg: DistributedConfig, env: DistEnv) -> None:
     blocks_mp = MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce)
     heads_mp = MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce, output_dtype=torch.float32)
     root_mp = MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce, cast_forward_inputs=False)
-    for net in (model.student, model.teacher):  # type: ignore[attr-defined]
+    # Every backbone + heads network: student and EMA teacher, or each distillation student and
+    # its spare EMA. A distillation's frozen teacher is no child of the model: it stays a full
+    # replica on every rank.
+    for net in model.networks():  # type: ignore[operator]
         for block in net["backbone"].blocks:
             fully_shard(block, mesh=mesh, mp_policy=blocks_mp)
         for name, head in net.items():

@@ -186,6 +186,22 @@ class VisionTransformer(nn.Module):
         patch_pos = grid.permute(0, 2, 3, 1).reshape(1, gh * gw, dim)
         return torch.cat((cls_pos, patch_pos), dim=1).to(x.dtype)
 
+    @property
+    def pos_grid(self) -> int:
+        """Side M of the stored M x M positional-embedding grid."""
+        return math.isqrt(self.pos_embed.shape[1] - 1)
+
+    @torch.no_grad()
+    def resize_pos_embed_(self, img_size: int) -> None:
+        """Store the positional embedding for an `img_size` x `img_size` input from now on, once
+        (high-resolution phase, or weights made at another size): the same Parameter object
+        gets the resized values, so an optimizer keeps it (its state must be resized too)."""
+        if img_size % self.patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {self.patch_size}")
+        grid = img_size // self.patch_size
+        if grid != self.pos_grid:
+            self.pos_embed.data = resize_pos_embed(self.pos_embed.data, grid, self.interpolate_antialias)
+
     def prepare_tokens_with_masks(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
         """Images (B, C, H, W) -> tokens (B, 1 + R + N, D): [CLS + pos, registers, patches + pos].
 
@@ -316,3 +332,20 @@ class VisionTransformer(nn.Module):
         last = self.blocks[-1]
         assert isinstance(last, Block)
         return last.attn.attention_probs(last.norm1(tokens))
+
+
+def resize_pos_embed(pos_embed: Tensor, grid: int, antialias: bool = False) -> Tensor:
+    """(1, 1 + M*M, D) -> (1, 1 + grid*grid, D): the patch part resized bicubically to the
+    output size (align_corners False, float32, as the run-time interpolation), [CLS] kept.
+    Also used for Adam moments of the embedding, so any (1, 1 + M*M, D) tensor goes."""
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:].float()
+    m = math.isqrt(patch_pos.shape[1])
+    if m * m != patch_pos.shape[1]:
+        raise ValueError(f"pos_embed holds {patch_pos.shape[1]} patch positions, not a square grid")
+    if m == grid:
+        return pos_embed.clone()
+    dim = patch_pos.shape[-1]
+    img = patch_pos.reshape(1, m, m, dim).permute(0, 3, 1, 2)
+    img = F.interpolate(img, size=(grid, grid), mode="bicubic", align_corners=False, antialias=antialias)
+    patch_pos = img.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(pos_embed.dtype)
+    return torch.cat((cls_pos, patch_pos), dim=1)

@@ -10,8 +10,15 @@ None of them changes what is computed, only how (up to float rounding); `bench/p
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, TypeVar
+
 from dinokit.config import TrainConfig
-from dinokit.train.ssl_model import SSLModel
+
+if TYPE_CHECKING:
+    from dinokit.train.distill import DistillModel
+    from dinokit.train.ssl_model import SSLModel
+
+M = TypeVar("M", "SSLModel", "DistillModel")
 
 
 def packing_enabled(train: TrainConfig) -> bool:
@@ -29,17 +36,17 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def apply_compute_options(model: SSLModel, train: TrainConfig) -> SSLModel:
+def apply_compute_options(model: M, train: TrainConfig) -> M:
     """Set packing and activation checkpointing on the student backbone and compile the blocks
     of both backbones when asked. The teacher never needs checkpointing (it runs without
     gradients) and never sees more than one crop size (no packing)."""
-    backbone = model.student["backbone"]
-    backbone.packing = packing_enabled(train)
-    backbone.activation_checkpointing = train.activation_checkpointing
+    for backbone in model.student_backbones():
+        backbone.packing = packing_enabled(train)
+        backbone.activation_checkpointing = train.activation_checkpointing
     if train.compile:
         # Block by block, in place (`nn.Module.compile`): parameter names stay those of the
         # official checkpoints, and all blocks of a backbone share one compiled graph.
-        for net in (model.student, model.teacher):
+        for net in model.networks():
             for block in net["backbone"].blocks:
                 block.compile()
     return model

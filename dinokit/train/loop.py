@@ -20,7 +20,9 @@ logged losses are means over ranks, and only rank 0 logs, writes metrics and exp
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import random
 import sys
 import time
@@ -33,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from dinokit.checkpoint.training import (
+    checkpoint_step,
     export_backbone,
     full_state_dict,
     latest_checkpoint,
@@ -43,9 +46,12 @@ from dinokit.checkpoint.training import (
 from dinokit.config import (
     Config,
     ConfigError,
+    DistillConfig,
+    ModelConfig,
     config_from_dict,
     config_to_dict,
     schedule_args,
+    student_models,
     validate,
     vit_args_from_config,
 )
@@ -56,14 +62,23 @@ from dinokit.data.masking import MaskingGenerator
 from dinokit.data.transforms import MultiCropAugmentation
 from dinokit.distributed import DTYPES, DistEnv, distributed_env, parallelize, reduce_sum
 from dinokit.distributed.env import resolve_device
+from dinokit.models.vision_transformer import resize_pos_embed
 from dinokit.train.compute import apply_compute_options
+from dinokit.train.distill import (
+    DistillModel,
+    build_distill_model,
+    teacher_heads_config,
+    teacher_heads_run,
+    teacher_needs_heads,
+)
+from dinokit.train.init_weights import backbone_lr_scale, load_initial_weights, set_backbones_frozen
 from dinokit.train.metrics import MetricsLog
 from dinokit.train.online_knn import OnlineKNN
 from dinokit.train.optim import apply_schedule, build_optimizer, clip_grad_norm_
 from dinokit.train.schedules import build_schedules
 from dinokit.train.ssl_model import LossArgs, SSLModel, collapse_reasons, health_signals
 
-__all__ = ["NonFiniteLossError", "TrainResult", "build_model", "resolve_device", "train", "train_step"]
+__all__ = ["NonFiniteLossError", "TrainResult", "build_model", "phase_config", "resolve_device", "train", "train_step"]
 
 log = logging.getLogger("dinokit.train")
 
@@ -101,9 +116,12 @@ def build_dataset(cfg: Config) -> Any:
     return ImageFolderDataset(data.path)
 
 
-def build_model(cfg: Config) -> SSLModel:
-    """Student and teacher of `cfg`, with the compute options of `cfg.train` applied
-    (packing, activation checkpointing, compile: `dinokit.train.compute`)."""
+def build_model(cfg: Config, run_dir: Path | None = None) -> SSLModel | DistillModel:
+    """Student and teacher of `cfg` (or, with `distill.teacher`, the frozen teacher and the
+    students), with the compute options of `cfg.train` applied (packing, activation
+    checkpointing, compile: `dinokit.train.compute`). Weights of `init` are not loaded here."""
+    if cfg.distill.teacher:
+        return apply_compute_options(build_distill_model(cfg, run_dir), cfg.train)
     v1 = cfg.loss.mode == "dino"
     model = SSLModel(
         vit_args_from_config(cfg.model, use_mask_token=not v1).build(),
@@ -218,7 +236,7 @@ def _mean_over_ranks(terms: dict[str, Tensor], env: DistEnv | None) -> dict[str,
 
 
 def train_step(
-    model: SSLModel,
+    model: SSLModel | DistillModel,
     optimizer: torch.optim.Optimizer,
     batch: dict[str, Any],
     sched: dict[str, float],
@@ -235,7 +253,7 @@ def train_step(
     `forward` is the module to call for the loss (the DDP wrapper; default `model`). Returns the
     detached loss terms, averaged over ranks, and the teacher targets of this rank's batch.
     """
-    apply_schedule(optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"])
+    apply_schedule(optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"], sched.get("backbone_lr_scale", 1.0))
     with _autocast(cfg, device):
         terms, targets = (forward or model)(batch, sched["teacher_temp"])
     # Checked on the rank mean, so that every rank sees a NaN of any rank and all stop together.
@@ -252,8 +270,8 @@ def train_step(
     terms["total"].backward()
     if cfg.optim.clip_grad > 0:
         # Per sub-model, as the official code: a huge head gradient does not shrink the backbone's.
-        for module in model.student.values():
-            clip_grad_norm_(module.parameters(), cfg.optim.clip_grad)
+        for module in model.trainable().values():
+            clip_grad_norm_([p for p in module.parameters() if p.requires_grad], cfg.optim.clip_grad)
     optimizer.step()
     model.update_teacher(sched["momentum"])
     return reported, targets
@@ -270,37 +288,52 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
 def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
     validate(cfg, world_size=env.world_size)
     saved_cfg_path = run_dir / "config.yaml"
-    ckpt_path = latest_checkpoint(run_dir)
     if saved_cfg_path.is_file():
         import yaml
 
         _check_resume_config(config_from_dict(yaml.safe_load(saved_cfg_path.read_text())), cfg, run_dir)
     dataset = build_dataset(cfg)  # fails on a missing / empty folder before any work
     online_knn = OnlineKNN(cfg, dataset) if cfg.eval.knn_every > 0 and env.is_main else None
+    if cfg.distill.teacher and teacher_needs_heads(cfg):
+        if env.is_main:
+            log.info("distill.teacher has no heads: training them first in %s", teacher_heads_run(run_dir))
+        _train(teacher_heads_config(cfg), teacher_heads_run(run_dir), env)
+
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    model = build_model(cfg, run_dir)  # the same initial weights on every rank
+    ckpt_path = latest_checkpoint(run_dir)
+    if ckpt_path is None and cfg.init.backbone:
+        load_initial_weights(model.networks(), cfg.init)  # a misfit fails here, before anything is written
     config_yaml = _dump_yaml(cfg)
     env.barrier()  # every rank has read the old config.yaml before rank 0 replaces it
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         saved_cfg_path.write_text(config_yaml)
+        _write_student_configs(cfg, run_dir)
 
     device = env.device
-    torch.manual_seed(cfg.train.seed)
-    random.seed(cfg.train.seed)
-    model = build_model(cfg).to(device)  # the same initial weights on every rank
+    model = model.to(device)
     if env.world_size > 1:  # ranks draw different stochastic-depth samples from here on
         torch.manual_seed(derive_seed(cfg.train.seed, _RANK_RNG_STREAM, env.rank))
     dist_cfg = cfg.train.distributed
-    forward = parallelize(model, dist_cfg, env) if env.distributed else model
+    # Frozen backbones give no gradients during a head warm-up: DDP must expect unused parameters.
+    find_unused = cfg.train.head_warmup_steps > 0
+    wrap = (lambda: parallelize(model, dist_cfg, env, find_unused_parameters=find_unused)) if env.distributed else None
+    forward = wrap() if wrap is not None else model
     optimizer = build_optimizer(
-        model.student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult,
+        model.trainable(), cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult,
         betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2),
     )
     schedules = build_schedules(**schedule_args(cfg))
     stop = cfg.run_steps
+    phase = cfg.highres.start_step
 
     step, skipped_total, samples_consumed = 0, 0, 0
     resume_rng = None
     if ckpt_path is not None:
+        if phase is not None and checkpoint_step(ckpt_path) > phase:
+            _resize_positions(model, optimizer, phase_config(cfg).crops.global_size)  # the shapes it was saved in
         state = load_training_state(ckpt_path, model, optimizer, env)
         step, skipped_total = state["step"], state["skipped_images"]
         samples_consumed = state["samples_consumed"]
@@ -313,7 +346,11 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
     # FSDP's root does not cast inputs (see parallelize), so the collate casts the crops.
     fsdp = dist_cfg.strategy == "fsdp" and env.distributed
     crops_dtype = DTYPES[dist_cfg.param_dtype] if fsdp else torch.float32
-    batches = build_loader(cfg, dataset, samples_consumed, env.rank, env.world_size, crops_dtype)
+    in_phase = phase is not None and step >= phase
+    run_cfg = phase_config(cfg) if in_phase else cfg
+    batches = build_loader(run_cfg, dataset, samples_consumed, env.rank, env.world_size, crops_dtype)
+    if online_knn is not None and in_phase:
+        online_knn.set_image_size(run_cfg.crops.global_size)
     if resume_rng is not None:
         set_rng_state(resume_rng)  # after the loader started, so nothing draws in between
 
@@ -323,15 +360,32 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
     loss_value = float("nan")
     warmup_steps = cfg.optim.warmup_epochs * cfg.optim.epoch_length
     last_warning = -(10**9)
+    frozen: bool | None = None
     try:
         while step < stop:
+            if phase is not None and step == phase and not in_phase:
+                # The switch: positions resized once, the loader restarted at the same sample.
+                in_phase, run_cfg = True, phase_config(cfg)
+                _resize_positions(model, optimizer, run_cfg.crops.global_size)
+                if wrap is not None and dist_cfg.strategy == "ddp":
+                    forward = wrap()  # DDP's gradient buckets were laid out for the old shapes
+                del batches
+                batches = build_loader(run_cfg, dataset, samples_consumed, env.rank, env.world_size, crops_dtype)
+                if online_knn is not None:
+                    online_knn.set_image_size(run_cfg.crops.global_size)
+                if env.is_main:
+                    log.info("step %d: switching to %d / %d px crops, batch %d", step, run_cfg.crops.global_size,
+                             run_cfg.crops.local_size, run_cfg.optim.batch_size)
+            if frozen != (step < cfg.train.head_warmup_steps):
+                frozen = step < cfg.train.head_warmup_steps
+                set_backbones_frozen(model.student_backbones(), frozen)
             t0 = time.perf_counter()
             batch = next(batches)
             # [skipped images, ranks whose whole batch failed], summed over ranks.
             counts = reduce_sum(torch.tensor([int(batch.get("n_skipped", 0)), int(batch.get("n_images", 1) == 0)],
                                              device=device))  # on the GPU for nccl
             skipped_total += int(counts[0])
-            samples_consumed += cfg.optim.batch_size
+            samples_consumed += run_cfg.optim.batch_size
             if int(counts[1]) > 0:  # every rank skips, so the collectives stay matched
                 if env.is_main:
                     log.warning("step %d: every image of a batch failed to decode; step skipped", step + 1)
@@ -339,6 +393,8 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
                 continue
             batch = _to_device(batch, device)
             sched = schedules.at(step)
+            sched["backbone_lr_scale"] = backbone_lr_scale(step, cfg.train.head_warmup_steps,
+                                                           cfg.train.backbone_lr_warmup_steps)
             terms, targets = train_step(model, optimizer, batch, sched, cfg, device, step + 1, run_dir,
                                         forward=forward, env=env)
             step += 1
@@ -360,6 +416,8 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
                     / (time.perf_counter() - t0),  # all ranks
                     "skipped_images": skipped_total,
                 }
+                if cfg.init.backbone:
+                    record["backbone_lr_scale"] = sched["backbone_lr_scale"]
                 health = health_signals(targets)  # of rank 0's batch
                 if "koleo" in terms:
                     health["koleo_value"] = terms["koleo"].item() / cfg.loss.koleo_weight  # unweighted
@@ -391,28 +449,71 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
     return TrainResult(run_dir, step, loss_value, skipped_total)
 
 
-def _online_knn(knn: OnlineKNN | None, model: SSLModel, cfg: Config, env: DistEnv) -> dict[str, float] | None:
-    """k-NN of the teacher backbone on rank 0. A sharded teacher is gathered (by every rank) into
-    a plain copy first, so that rank 0 can run it alone."""
-    backbone: nn.Module = model.teacher["backbone"]
+def phase_config(cfg: Config) -> Config:
+    """`cfg` as the high-resolution phase runs it: its crop sizes and batch size (the schedules
+    are built from `cfg` itself, so they continue across the switch)."""
+    hr, c = cfg.highres, cfg.crops
+    crops = dataclasses.replace(c, global_size=hr.global_size or c.global_size, local_size=hr.local_size or c.local_size)
+    optim = dataclasses.replace(cfg.optim, batch_size=hr.batch_size or cfg.optim.batch_size)
+    return dataclasses.replace(cfg, crops=crops, optim=optim)
+
+
+def _resize_positions(model: nn.Module, optimizer: torch.optim.Optimizer, image_size: int) -> None:
+    """Resize every backbone's positional embedding to `image_size` and its AdamW moments alike
+    (bicubically; the second moment clamped at 0, which bicubic overshoot could cross)."""
+    for net in model.networks():  # type: ignore[operator]
+        backbone = net["backbone"]
+        backbone.resize_pos_embed_(image_size)
+        state = optimizer.state.get(backbone.pos_embed)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if state and key in state and state[key].shape != backbone.pos_embed.shape:
+                moment = resize_pos_embed(state[key], backbone.pos_grid, backbone.interpolate_antialias)
+                state[key] = moment.clamp_min(0) if key == "exp_avg_sq" else moment
+
+
+def _released_model_config(cfg: Config, name: str) -> ModelConfig:
+    return student_models(cfg)[name] if name else cfg.model
+
+
+def _write_student_configs(cfg: Config, run_dir: Path) -> None:
+    """Each distillation student's folder is a run folder of its own for `dinokit eval` & co.:
+    the run's config with the student's architecture, beside its exported EMA backbone."""
+    if not cfg.distill.teacher:
+        return
+    for name, model_cfg in student_models(cfg).items():
+        folder = run_dir / "students" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        own = dataclasses.replace(cfg, model=model_cfg, distill=DistillConfig())
+        (folder / "config.yaml").write_text(_dump_yaml(own))
+
+
+def _online_knn(knn: OnlineKNN | None, model: nn.Module, cfg: Config, env: DistEnv) -> dict[str, float] | None:
+    """k-NN of the released backbone (the teacher, or the first student's EMA) on rank 0. A
+    sharded backbone is gathered (by every rank) into a plain copy first, so that rank 0 can run
+    it alone."""
+    name, backbone = next(iter(model.released_backbones().items()))  # type: ignore[operator]
     if cfg.train.distributed.strategy == "fsdp" and env.distributed:
         state = full_state_dict(backbone)
         if knn is None:
             return None
         with torch.random.fork_rng(devices=[]):  # building draws init numbers; training must not see it
-            backbone = vit_args_from_config(cfg.model, use_mask_token=cfg.loss.mode != "dino").build()
+            backbone = vit_args_from_config(_released_model_config(cfg, name),
+                                            use_mask_token=cfg.loss.mode != "dino").build()
+        backbone.resize_pos_embed_(math.isqrt(state["pos_embed"].shape[1] - 1) * backbone.patch_size)
         backbone.load_state_dict(state)
         backbone.to(env.device)
     return knn.evaluate(backbone) if knn is not None else None
 
 
-def _save(run_dir: Path, model: SSLModel, optimizer: torch.optim.Optimizer, trainer: dict[str, int],
+def _save(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trainer: dict[str, int],
           config_yaml: str, keep: int, env: DistEnv) -> None:
-    model.settle_pending_center_updates()
+    model.settle_pending_center_updates()  # type: ignore[operator]
     save_training_state(run_dir, trainer["step"], model, optimizer, trainer, config_yaml, keep, env)
-    teacher = full_state_dict(model.teacher["backbone"])  # gathers FSDP shards (every rank calls)
-    if env.is_main:
-        export_backbone(run_dir / "teacher_backbone.safetensors", teacher)
+    for name, backbone in model.released_backbones().items():  # type: ignore[operator]
+        state = full_state_dict(backbone)  # gathers FSDP shards (every rank calls)
+        if env.is_main:
+            folder = run_dir / "students" / name if name else run_dir
+            export_backbone(folder / "teacher_backbone.safetensors", state)
 
 
 def _dump_yaml(cfg: Config) -> str:

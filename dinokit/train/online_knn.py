@@ -33,6 +33,10 @@ class OnlineKNN:
         self.k = ev.knn_k
         self.every = ev.knn_every
 
+    def set_image_size(self, size: int) -> None:
+        """Evaluate at another crop size from now on (after a resolution switch)."""
+        self.transform = eval_transform_for(size)
+
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 

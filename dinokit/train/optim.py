@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -13,37 +13,43 @@ from dinokit.train.param_groups import param_infos
 
 
 def build_optimizer(
-    student: nn.ModuleDict,
+    student: Mapping[str, nn.Module],
     layerwise_decay: float,
     patch_embed_lr_mult: float,
     betas: tuple[float, float] = (0.9, 0.999),
     fused: bool | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW whose groups carry `lr_multiplier`, `wd_multiplier` and `is_last_layer`.
+    """AdamW whose groups carry `lr_multiplier`, `wd_multiplier`, `is_last_layer` and `is_backbone`.
 
-    Parameters with equal multipliers share a group (fewer, larger foreach kernels). Backbone
-    parameters get layer-wise decay; head parameters have multiplier 1.
+    `student` maps names to the trained modules (`SSLModel.trainable()`): backbones (modules with
+    blocks, `n_blocks`) get layer-wise decay and the patch-embedding factor; heads multiplier 1.
+    Parameters with equal multipliers share a group (fewer, larger foreach kernels). Build it
+    before freezing anything: frozen parameters (no `requires_grad`) are left out.
     """
-    grouped: dict[tuple[float, float, bool], list[nn.Parameter]] = defaultdict(list)
-    for name, module in student.items():
-        decay = layerwise_decay if name == "backbone" else 1.0
-        pe_mult = patch_embed_lr_mult if name == "backbone" else 1.0
+    grouped: dict[tuple[float, float, bool, bool], list[nn.Parameter]] = defaultdict(list)
+    for module in student.values():
+        is_backbone = hasattr(module, "n_blocks")
+        decay = layerwise_decay if is_backbone else 1.0
+        pe_mult = patch_embed_lr_mult if is_backbone else 1.0
         for info in param_infos(module, decay, pe_mult):
-            grouped[(info.lr_multiplier, info.wd_multiplier, info.is_last_layer)].append(info.param)
+            grouped[(info.lr_multiplier, info.wd_multiplier, info.is_last_layer, is_backbone)].append(info.param)
     groups = [
-        {"params": params, "lr_multiplier": lr_m, "wd_multiplier": wd_m, "is_last_layer": last}
-        for (lr_m, wd_m, last), params in grouped.items()
+        {"params": params, "lr_multiplier": lr_m, "wd_multiplier": wd_m, "is_last_layer": last, "is_backbone": bb}
+        for (lr_m, wd_m, last, bb), params in grouped.items()
     ]
     # lr / weight_decay are set every step by `apply_schedule`; foreach is the CPU fast path.
     kwargs = {"fused": fused} if fused else {"foreach": True}
     return torch.optim.AdamW(groups, lr=0.0, betas=betas, **kwargs)
 
 
-def apply_schedule(optimizer: torch.optim.Optimizer, lr: float, wd: float, last_layer_lr: float) -> None:
-    """Set each group's lr and weight decay for this step from the schedules and multipliers."""
+def apply_schedule(optimizer: torch.optim.Optimizer, lr: float, wd: float, last_layer_lr: float,
+                   backbone_lr_scale: float = 1.0) -> None:
+    """Set each group's lr and weight decay for this step from the schedules and multipliers;
+    `backbone_lr_scale` multiplies the backbones' lr (the ramp after a head warm-up)."""
     for group in optimizer.param_groups:
         base = last_layer_lr if group["is_last_layer"] else lr
-        group["lr"] = base * group["lr_multiplier"]
+        scale = backbone_lr_scale if group.get("is_backbone", False) else 1.0
+        group["lr"] = base * group["lr_multiplier"] * scale
         group["weight_decay"] = wd * group["wd_multiplier"]
 
 

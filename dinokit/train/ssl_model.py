@@ -43,6 +43,9 @@ class LossArgs:
         use_koleo: KoLeo on the student's global [CLS] tokens.
         centering: "sinkhorn_knopp" (DINOv2) or "centering" (DINO v1 EMA center).
         student_temp, center_momentum: 0.1 and 0.9.
+        mask_student: replace the masked patches of the student's global crops by the mask
+            token (iBOT). Off in distillation, where the student sees whole crops and iBOT
+            compares every patch of the global crops.
     """
 
     dino_weight: float = 1.0
@@ -53,6 +56,51 @@ class LossArgs:
     centering: str = "sinkhorn_knopp"
     student_temp: float = 0.1
     center_momentum: float = 0.9
+    mask_student: bool = True
+
+
+@torch.no_grad()
+def teacher_targets(
+    net: nn.ModuleDict,
+    batch: dict[str, Tensor],
+    teacher_temp: float,
+    args: LossArgs,
+    dino_loss: DINOLoss,
+    ibot_loss: iBOTPatchLoss,
+    input_dtype: torch.dtype | None = None,
+) -> dict[str, Tensor]:
+    """Targets of a teacher network (backbone + heads) for the two global crops: `dino` (2, B, K)
+    with the views swapped, `ibot` (M, K) for the rows of `mask_indices_list`, and the raw
+    `cls_logits`. Centering state lives in `dino_loss` / `ibot_loss`; probabilities are float32.
+    `input_dtype` casts the crops first (a teacher kept in bfloat16)."""
+    crops = batch["collated_global_crops"]
+    if input_dtype is not None:
+        crops = crops.to(input_dtype)
+    n_views = 2
+    out = net["backbone"].forward_features(crops)
+    cls = out["x_norm_clstoken"]
+    # Swap the two views so that student view i is compared with teacher view 1 - i.
+    cls = torch.cat(cls.chunk(n_views)[::-1])
+    cls_logits = net["dino_head"](cls).float()
+    targets: dict[str, Tensor] = {"cls_logits": cls_logits}
+    if args.centering == "centering":
+        probs = dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
+        dino_loss.update_center(cls_logits)
+    else:
+        probs = dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp)
+    targets["dino"] = probs.view(n_views, -1, probs.shape[-1])
+
+    if args.use_ibot:
+        patches = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]]
+        head = net["ibot_head"] if "ibot_head" in net else net["dino_head"]
+        patch_logits = head(patches).float()
+        if args.centering == "centering":
+            ibot = ibot_loss.softmax_center_teacher(patch_logits.unsqueeze(0), teacher_temp).squeeze(0)
+            ibot_loss.update_center(patch_logits)  # (M, K): mean over all ranks' masked rows
+        else:
+            ibot = ibot_loss.sinkhorn_knopp_teacher(patch_logits, teacher_temp, batch["n_masked_patches"])
+        targets["ibot"] = ibot
+    return targets
 
 
 class SSLModel(nn.Module):
@@ -106,41 +154,16 @@ class SSLModel(nn.Module):
 
     # ------------------------------------------------------------------ 1. teacher
 
-    @torch.no_grad()
     def teacher_targets(self, batch: dict[str, Tensor], teacher_temp: float) -> dict[str, Tensor]:
         """Teacher probabilities: `dino` (2, B, K) with views swapped, `ibot` (M, K)."""
-        crops = batch["collated_global_crops"]
-        n_views = 2
-        out = self.teacher["backbone"].forward_features(crops)
-        cls = out["x_norm_clstoken"]
-        # Swap the two views so that student view i is compared with teacher view 1 - i.
-        cls = torch.cat(cls.chunk(n_views)[::-1])
-        cls_logits = self.teacher["dino_head"](cls)
-        targets: dict[str, Tensor] = {"cls_logits": cls_logits}
-        if self.loss_args.centering == "centering":
-            probs = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
-            self.dino_loss.update_center(cls_logits)
-        else:
-            probs = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp)
-        targets["dino"] = probs.view(n_views, -1, probs.shape[-1])
-
-        if self.loss_args.use_ibot:
-            patches = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]]
-            patch_logits = self._ibot_head(self.teacher)(patches)
-            if self.loss_args.centering == "centering":
-                ibot = self.ibot_loss.softmax_center_teacher(patch_logits.unsqueeze(0), teacher_temp).squeeze(0)
-                self.ibot_loss.update_center(patch_logits)  # (M, K): mean over all ranks' masked rows
-            else:
-                ibot = self.ibot_loss.sinkhorn_knopp_teacher(patch_logits, teacher_temp, batch["n_masked_patches"])
-            targets["ibot"] = ibot
-        return targets
+        return teacher_targets(self.teacher, batch, teacher_temp, self.loss_args, self.dino_loss, self.ibot_loss)
 
     # ------------------------------------------------------------------ 2. student
 
     def student_outputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Student head logits of all crops, backbone [CLS] of the global crops, masked patches."""
         backbone = self.student["backbone"]
-        masks = batch["collated_masks"] if self.loss_args.use_ibot else None
+        masks = batch["collated_masks"] if self.loss_args.use_ibot and self.loss_args.mask_student else None
         crops, crop_masks = [batch["collated_global_crops"]], [masks]
         if batch["collated_local_crops"].numel():
             crops.append(batch["collated_local_crops"])
@@ -209,6 +232,23 @@ class SSLModel(nn.Module):
         t = [p for p in self.teacher.parameters()]
         s = [p.detach() for p in self.student.parameters()]
         torch._foreach_lerp_(t, s, 1.0 - momentum)
+
+    # ------------------------------------------------------------------ what the loop needs
+
+    def trainable(self) -> dict[str, nn.Module]:
+        """The modules the optimizer trains and clips one by one: backbone and heads."""
+        return dict(self.student.items())
+
+    def student_backbones(self) -> list[VisionTransformer]:
+        return [self.student["backbone"]]  # type: ignore[list-item]
+
+    def networks(self) -> list[nn.ModuleDict]:
+        """Every backbone + heads network (sharded / compiled / resized alike)."""
+        return [self.student, self.teacher]
+
+    def released_backbones(self) -> dict[str, nn.Module]:
+        """The model(s) a run releases: the EMA teacher's backbone (key "" = the run folder)."""
+        return {"": self.teacher["backbone"]}
 
     @torch.no_grad()
     def settle_pending_center_updates(self) -> None:
