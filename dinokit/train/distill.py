@@ -76,6 +76,10 @@ class DistillModel(nn.Module):
         super().__init__()
         self.loss_args = loss
         self.students = nn.ModuleDict(students)
+        for student in students.values():
+            token = student.student["backbone"].mask_token
+            if token is not None:  # students see whole crops: the mask token never gets a gradient
+                token.requires_grad_(False)
         out_dim = teacher["dino_head"].last_layer.weight_v.shape[0]
         ibot_head = teacher["ibot_head"] if "ibot_head" in teacher else teacher["dino_head"]
         self.dino_loss = DINOLoss(out_dim, loss.student_temp, loss.center_momentum)

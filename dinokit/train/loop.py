@@ -331,9 +331,15 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
 
     step, skipped_total, samples_consumed = 0, 0, 0
     resume_rng = None
+    frozen: bool | None = None
     if ckpt_path is not None:
+        # The state the checkpoint was written in: resized positions; a backbone that has not
+        # stepped yet (every step so far a head warm-up step) has no optimizer state to load.
         if phase is not None and checkpoint_step(ckpt_path) > phase:
-            _resize_positions(model, optimizer, phase_config(cfg).crops.global_size)  # the shapes it was saved in
+            _resize_positions(model, optimizer, phase_config(cfg).crops.global_size)
+        if cfg.train.head_warmup_steps:
+            frozen = checkpoint_step(ckpt_path) <= cfg.train.head_warmup_steps
+            set_backbones_frozen(model.student_backbones(), frozen)
         state = load_training_state(ckpt_path, model, optimizer, env)
         step, skipped_total = state["step"], state["skipped_images"]
         samples_consumed = state["samples_consumed"]
@@ -346,7 +352,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
     # FSDP's root does not cast inputs (see parallelize), so the collate casts the crops.
     fsdp = dist_cfg.strategy == "fsdp" and env.distributed
     crops_dtype = DTYPES[dist_cfg.param_dtype] if fsdp else torch.float32
-    in_phase = phase is not None and step >= phase
+    in_phase = phase is not None and step > phase  # a checkpoint at the switch step predates it
     run_cfg = phase_config(cfg) if in_phase else cfg
     batches = build_loader(run_cfg, dataset, samples_consumed, env.rank, env.world_size, crops_dtype)
     if online_knn is not None and in_phase:
@@ -360,7 +366,6 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
     loss_value = float("nan")
     warmup_steps = cfg.optim.warmup_epochs * cfg.optim.epoch_length
     last_warning = -(10**9)
-    frozen: bool | None = None
     try:
         while step < stop:
             if phase is not None and step == phase and not in_phase:
@@ -376,7 +381,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
                 if env.is_main:
                     log.info("step %d: switching to %d / %d px crops, batch %d", step, run_cfg.crops.global_size,
                              run_cfg.crops.local_size, run_cfg.optim.batch_size)
-            if frozen != (step < cfg.train.head_warmup_steps):
+            if cfg.train.head_warmup_steps and frozen != (step < cfg.train.head_warmup_steps):
                 frozen = step < cfg.train.head_warmup_steps
                 set_backbones_frozen(model.student_backbones(), frozen)
             t0 = time.perf_counter()
