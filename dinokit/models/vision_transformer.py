@@ -192,15 +192,19 @@ class VisionTransformer(nn.Module):
         return math.isqrt(self.pos_embed.shape[1] - 1)
 
     @torch.no_grad()
-    def resize_pos_embed_(self, img_size: int) -> None:
+    def resize_pos_embed_(self, img_size: int) -> nn.Parameter:
         """Store the positional embedding for an `img_size` x `img_size` input from now on, once
-        (high-resolution phase, or weights made at another size): the same Parameter object
-        gets the resized values, so an optimizer keeps it (its state must be resized too)."""
+        (high-resolution phase, or weights made at another size). The embedding becomes a new
+        Parameter (autograd caches a leaf's shape), which is returned: an optimizer holding the
+        old one must be told (see `dinokit.train.loop`)."""
         if img_size % self.patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {self.patch_size}")
         grid = img_size // self.patch_size
         if grid != self.pos_grid:
-            self.pos_embed.data = resize_pos_embed(self.pos_embed.data, grid, self.interpolate_antialias)
+            old = self.pos_embed
+            self.pos_embed = nn.Parameter(resize_pos_embed(old.data, grid, self.interpolate_antialias),
+                                          requires_grad=old.requires_grad)
+        return self.pos_embed
 
     def prepare_tokens_with_masks(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
         """Images (B, C, H, W) -> tokens (B, 1 + R + N, D): [CLS + pos, registers, patches + pos].

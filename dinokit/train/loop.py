@@ -464,16 +464,23 @@ def phase_config(cfg: Config) -> Config:
 
 
 def _resize_positions(model: nn.Module, optimizer: torch.optim.Optimizer, image_size: int) -> None:
-    """Resize every backbone's positional embedding to `image_size` and its AdamW moments alike
-    (bicubically; the second moment clamped at 0, which bicubic overshoot could cross)."""
+    """Resize every backbone's positional embedding to `image_size`: a new Parameter takes the
+    old one's place in the optimizer, with AdamW's moments resized alike (bicubically; the second
+    moment clamped at 0, which bicubic overshoot could cross)."""
     for net in model.networks():  # type: ignore[operator]
         backbone = net["backbone"]
-        backbone.resize_pos_embed_(image_size)
-        state = optimizer.state.get(backbone.pos_embed)
-        for key in ("exp_avg", "exp_avg_sq"):
-            if state and key in state and state[key].shape != backbone.pos_embed.shape:
+        old = backbone.pos_embed
+        new = backbone.resize_pos_embed_(image_size)
+        if new is old:
+            continue
+        for group in optimizer.param_groups:
+            group["params"] = [new if p is old else p for p in group["params"]]
+        state = optimizer.state.pop(old, None)
+        if state:
+            for key in ("exp_avg", "exp_avg_sq"):
                 moment = resize_pos_embed(state[key], backbone.pos_grid, backbone.interpolate_antialias)
                 state[key] = moment.clamp_min(0) if key == "exp_avg_sq" else moment
+            optimizer.state[new] = state
 
 
 def _released_model_config(cfg: Config, name: str) -> ModelConfig:
