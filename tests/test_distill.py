@@ -145,3 +145,30 @@ def test_bad_distillation_input_fails_before_any_work(image_folder: Path, teache
         from dinokit.train.distill import teacher_model_config
 
         teacher_model_config(_cfg(image_folder, f"distill.teacher={teacher_run / 'teacher_backbone.safetensors'}"))
+
+
+def test_the_readme_flow_from_a_released_hub_file(image_folder: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Only `dinov2_vits14_pretrain.pth` (hub layout, no heads): continued pretraining with the
+    finetune preset, then distillation of the result into a smaller ViT (both shortened)."""
+    from dinokit.models import build_official
+
+    hub = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(build_official("dinov2_vits14").state_dict(), hub)
+    small = ["crops.global_size=28", "crops.local_size=14", "crops.local_number=2", "optim.batch_size=4",
+             "head.out_dim=64", "head.hidden_dim=32", "head.bottleneck_dim=16", "data.num_workers=0",
+             "optim.epoch_length=4", "train.autocast=none", "checkpoint.every=100"]
+    ft = tmp_path / "ft"
+    assert main(["train", str(image_folder), "--preset", "finetune_vits14", "--init", str(hub), "--out", str(ft),
+                 *small, "train.head_warmup_steps=1", "train.backbone_lr_warmup_steps=1", "train.max_steps=2"]) == 0
+    assert resolve_backbone(ft).model.pos_grid == 37  # still the released architecture
+    out = tmp_path / "distilled"
+    assert main(["distill", str(image_folder), "--teacher", str(ft), "--preset", "distill_vits14", "--student",
+                 "vit_tiny,depth=2", "--out", str(out), *small, "train.max_steps=1"]) == 0
+    student = resolve_backbone(out / "students" / "student0").model
+    assert (student.embed_dim, student.n_blocks, student.patch_size) == (192, 2, 14)
+    # The hub file itself as the teacher: its heads are trained first.
+    direct = tmp_path / "direct"
+    assert main(["distill", str(image_folder), "--teacher", str(hub), "--preset", "distill_vits14", "--student",
+                 "vit_tiny,depth=1", "--out", str(direct), *small, "train.max_steps=1",
+                 "distill.teacher_head_warmup_steps=1"]) == 0
+    assert (direct / "teacher_heads" / "teacher_backbone.safetensors").is_file()
