@@ -41,10 +41,12 @@ from _report import machine_info  # noqa: E402
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 DINOKIT = [sys.executable, "-m", "dinokit.cli"]
-# The continued runs: 1,500 steps (5 epochs of 300), lr peak as the preset's; with a warm-up,
-# 300 steps of heads only, then the backbone's lr ramps up over 300 steps.
+# The continued runs: 1,500 steps (5 epochs of 300), the preset's lr peak and 300-step lr warm-up.
+# With a head warm-up: 300 steps of heads only (the prototype layer not frozen, so that it learns
+# then), then the backbone's lr ramps up over 300 steps. Without: the preset as it is (last layer
+# frozen for the first 300 steps, as the official recipe does).
 CONTINUE_EPOCHS = ["optim.epochs=5", "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1"]
-WARMUP = ["train.head_warmup_steps=300", "train.backbone_lr_warmup_steps=300"]
+WARMUP = ["train.head_warmup_steps=300", "train.backbone_lr_warmup_steps=300", "optim.freeze_last_layer_epochs=0"]
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -189,7 +191,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="folder for the runs (a fresh one per part)")
     parser.add_argument("--out", type=Path, required=True, help="results JSON (merged part by part)")
     parser.add_argument("--parts", nargs="+", default=["continue", "domain", "distill", "highres"])
-    parser.add_argument("--distill-steps", type=int, default=1500)
+    parser.add_argument("--distill-steps", type=int, default=3000)
     parser.add_argument("--highres-size", type=int, default=56)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
