@@ -285,37 +285,26 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
         return _train(cfg, Path(run_dir), env)
 
 
-def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
-    validate(cfg, world_size=env.world_size)
-    saved_cfg_path = run_dir / "config.yaml"
-    if saved_cfg_path.is_file():
-        import yaml
+@dataclass
+class _Progress:
+    """Where a run stands: what a checkpoint stores besides the model and optimizer."""
 
-        _check_resume_config(config_from_dict(yaml.safe_load(saved_cfg_path.read_text())), cfg, run_dir)
-    dataset = build_dataset(cfg)  # fails on a missing / empty folder before any work
-    online_knn = OnlineKNN(cfg, dataset) if cfg.eval.knn_every > 0 and env.is_main else None
+    step: int = 0
+    skipped_images: int = 0
+    samples_consumed: int = 0  # global: by all ranks
+
+    def trainer_state(self) -> dict[str, int]:
+        return {"step": self.step, "samples_consumed": self.samples_consumed, "skipped_images": self.skipped_images}
+
+
+def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
+    dataset, online_knn = _check_before_work(cfg, run_dir, env)
     if cfg.distill.teacher and teacher_needs_heads(cfg):
         if env.is_main:
             log.info("distill.teacher has no heads: training them first in %s", teacher_heads_run(run_dir))
         _train(teacher_heads_config(cfg), teacher_heads_run(run_dir), env)
+    model, config_yaml = _build_and_start(cfg, run_dir, env)
 
-    torch.manual_seed(cfg.train.seed)
-    random.seed(cfg.train.seed)
-    model = build_model(cfg, run_dir)  # the same initial weights on every rank
-    ckpt_path = latest_checkpoint(run_dir)
-    if ckpt_path is None and cfg.init.backbone:
-        load_initial_weights(model.networks(), cfg.init)  # a misfit fails here, before anything is written
-    config_yaml = _dump_yaml(cfg)
-    env.barrier()  # every rank has read the old config.yaml before rank 0 replaces it
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        saved_cfg_path.write_text(config_yaml)
-        _write_student_configs(cfg, run_dir)
-
-    device = env.device
-    model = model.to(device)
-    if env.world_size > 1:  # ranks draw different stochastic-depth samples from here on
-        torch.manual_seed(derive_seed(cfg.train.seed, _RANK_RNG_STREAM, env.rank))
     dist_cfg = cfg.train.distributed
     # Frozen backbones give no gradients during a head warm-up: DDP must expect unused parameters.
     find_unused = cfg.train.head_warmup_steps > 0
@@ -326,56 +315,40 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
         betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2),
     )
     schedules = build_schedules(**schedule_args(cfg))
-    stop = cfg.run_steps
-    phase = cfg.highres.start_step
+    stop, phase = cfg.run_steps, cfg.highres.start_step
+    progress, resume_rng = _restore(cfg, run_dir, model, optimizer, env)
 
-    step, skipped_total, samples_consumed = 0, 0, 0
-    resume_rng = None
-    frozen: bool | None = None
-    if ckpt_path is not None:
-        # The state the checkpoint was written in: resized positions; a backbone that has not
-        # stepped yet (every step so far a head warm-up step) has no optimizer state to load.
-        if phase is not None and checkpoint_step(ckpt_path) > phase:
-            _resize_positions(model, optimizer, phase_config(cfg).crops.global_size)
-        if cfg.train.head_warmup_steps:
-            frozen = checkpoint_step(ckpt_path) <= cfg.train.head_warmup_steps
-            set_backbones_frozen(model.student_backbones(), frozen)
-        state = load_training_state(ckpt_path, model, optimizer, env)
-        step, skipped_total = state["step"], state["skipped_images"]
-        samples_consumed = state["samples_consumed"]
-        resume_rng = state["rng"]
-        if resume_rng is None:  # another world size: fresh per-rank streams, still seeded
-            torch.manual_seed(derive_seed(cfg.train.seed, _RANK_RNG_STREAM, env.rank, step))
-        if env.is_main:
-            log.info("resuming %s from step %d (written by %d process(es), now %d)",
-                     run_dir, step, state["world_size"], env.world_size)
     # FSDP's root does not cast inputs (see parallelize), so the collate casts the crops.
     fsdp = dist_cfg.strategy == "fsdp" and env.distributed
     crops_dtype = DTYPES[dist_cfg.param_dtype] if fsdp else torch.float32
-    in_phase = phase is not None and step > phase  # a checkpoint at the switch step predates it
+    in_phase = phase is not None and progress.step > phase  # a checkpoint at the switch step predates it
     run_cfg = phase_config(cfg) if in_phase else cfg
-    batches = build_loader(run_cfg, dataset, samples_consumed, env.rank, env.world_size, crops_dtype)
+    batches = build_loader(run_cfg, dataset, progress.samples_consumed, env.rank, env.world_size, crops_dtype)
     if online_knn is not None and in_phase:
         online_knn.set_image_size(run_cfg.crops.global_size)
     if resume_rng is not None:
         set_rng_state(resume_rng)  # after the loader started, so nothing draws in between
 
-    metrics = MetricsLog(run_dir, resume_step=step) if env.is_main else None
-    bar = _progress(stop, step) if env.is_main else None
+    metrics = MetricsLog(run_dir, resume_step=progress.step) if env.is_main else None
+    bar = _progress(stop, progress.step) if env.is_main else None
     model.train()
+    device = env.device
     loss_value = float("nan")
     warmup_steps = cfg.optim.warmup_epochs * cfg.optim.epoch_length
     last_warning = -(10**9)
+    frozen: bool | None = None
     try:
-        while step < stop:
+        while progress.step < stop:
+            step = progress.step
             if phase is not None and step == phase and not in_phase:
                 # The switch: positions resized once, the loader restarted at the same sample.
                 in_phase, run_cfg = True, phase_config(cfg)
                 _resize_positions(model, optimizer, run_cfg.crops.global_size)
                 if wrap is not None and dist_cfg.strategy == "ddp":
-                    forward = wrap()  # DDP's gradient buckets were laid out for the old shapes
+                    forward = wrap()  # DDP holds the old Parameter and its gradient buckets
                 del batches
-                batches = build_loader(run_cfg, dataset, samples_consumed, env.rank, env.world_size, crops_dtype)
+                batches = build_loader(run_cfg, dataset, progress.samples_consumed, env.rank, env.world_size,
+                                       crops_dtype)
                 if online_knn is not None:
                     online_knn.set_image_size(run_cfg.crops.global_size)
                 if env.is_main:
@@ -389,12 +362,12 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
             # [skipped images, ranks whose whole batch failed], summed over ranks.
             counts = reduce_sum(torch.tensor([int(batch.get("n_skipped", 0)), int(batch.get("n_images", 1) == 0)],
                                              device=device))  # on the GPU for nccl
-            skipped_total += int(counts[0])
-            samples_consumed += run_cfg.optim.batch_size
+            progress.skipped_images += int(counts[0])
+            progress.samples_consumed += run_cfg.optim.batch_size
             if int(counts[1]) > 0:  # every rank skips, so the collectives stay matched
                 if env.is_main:
                     log.warning("step %d: every image of a batch failed to decode; step skipped", step + 1)
-                step += 1
+                progress.step += 1
                 continue
             batch = _to_device(batch, device)
             sched = schedules.at(step)
@@ -402,38 +375,22 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
                                                            cfg.train.backbone_lr_warmup_steps)
             terms, targets = train_step(model, optimizer, batch, sched, cfg, device, step + 1, run_dir,
                                         forward=forward, env=env)
-            step += 1
+            progress.step = step = step + 1
             knn = None
             if cfg.eval.knn_every and step % cfg.eval.knn_every == 0:
                 knn = _online_knn(online_knn, model, cfg, env)
             loss_value = terms["total"].item()
             if env.is_main:
                 assert metrics is not None
-                record = {
-                    "step": step,
-                    "loss": loss_value,
-                    **{k: v.item() for k, v in terms.items() if k != "total"},
-                    "lr": sched["lr"],
-                    "wd": sched["wd"],
-                    "momentum": sched["momentum"],
-                    "teacher_temp": sched["teacher_temp"],
-                    "images_per_s": batch["collated_global_crops"].shape[0] / 2 * env.world_size
-                    / (time.perf_counter() - t0),  # all ranks
-                    "skipped_images": skipped_total,
-                }
-                if cfg.init.backbone:
-                    record["backbone_lr_scale"] = sched["backbone_lr_scale"]
-                health = health_signals(targets)  # of rank 0's batch
-                if "koleo" in terms:
-                    health["koleo_value"] = terms["koleo"].item() / cfg.loss.koleo_weight  # unweighted
-                record.update(health)
+                images = batch["collated_global_crops"].shape[0] / 2 * env.world_size  # all ranks
+                record = _metrics_record(cfg, progress, terms, sched, targets, images / (time.perf_counter() - t0))
                 if knn is not None:
                     record.update(knn)
                     log.info("step %d: online k-NN top-1 %.2f %%", step, record["knn_top1"])
                 metrics.write(record)  # before the checkpoint: a kill in between loses no line
                 # Early steps look collapsed by construction (a fresh teacher maps every image to
                 # nearly the same output), so warnings start after the lr warmup.
-                reasons = collapse_reasons(health)
+                reasons = collapse_reasons(record)
                 if reasons and step > warmup_steps and step - last_warning >= 100:
                     log.warning("step %d: collapse signal: %s", step, "; ".join(reasons))
                     last_warning = step
@@ -444,14 +401,93 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
                     log.info("step %d/%d loss %.4f lr %.3g %.1f img/s", step, stop, loss_value, sched["lr"],
                              record["images_per_s"])
             if step % cfg.checkpoint.every == 0 or step == stop:
-                trainer = {"step": step, "samples_consumed": samples_consumed, "skipped_images": skipped_total}
-                _save(run_dir, model, optimizer, trainer, config_yaml, cfg.checkpoint.keep, env)
+                _save(run_dir, model, optimizer, progress.trainer_state(), config_yaml, cfg.checkpoint.keep, env)
     finally:
         if metrics is not None:
             metrics.close()
         if bar is not None:
             bar.close()
-    return TrainResult(run_dir, step, loss_value, skipped_total)
+    return TrainResult(run_dir, progress.step, loss_value, progress.skipped_images)
+
+
+def _check_before_work(cfg: Config, run_dir: Path, env: DistEnv) -> tuple[Any, OnlineKNN | None]:
+    """Everything that can be wrong before any work: the configuration, a run folder holding
+    another configuration, the data (missing or empty) and the online k-NN's data sets."""
+    validate(cfg, world_size=env.world_size)
+    saved_cfg_path = run_dir / "config.yaml"
+    if saved_cfg_path.is_file():
+        import yaml
+
+        _check_resume_config(config_from_dict(yaml.safe_load(saved_cfg_path.read_text())), cfg, run_dir)
+    dataset = build_dataset(cfg)
+    online_knn = OnlineKNN(cfg, dataset) if cfg.eval.knn_every > 0 and env.is_main else None
+    return dataset, online_knn
+
+
+def _build_and_start(cfg: Config, run_dir: Path, env: DistEnv) -> tuple[SSLModel | DistillModel, str]:
+    """The model on its device, with `init` weights on a fresh run (a misfit fails before
+    anything is written), and the run folder's config.yaml written."""
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    model = build_model(cfg, run_dir)  # the same initial weights on every rank
+    if latest_checkpoint(run_dir) is None and cfg.init.backbone:
+        load_initial_weights(model.networks(), cfg.init)
+    config_yaml = _dump_yaml(cfg)
+    env.barrier()  # every rank has read the old config.yaml before rank 0 replaces it
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml)
+        _write_student_configs(cfg, run_dir)
+    model = model.to(env.device)
+    if env.world_size > 1:  # ranks draw different stochastic-depth samples from here on
+        torch.manual_seed(derive_seed(cfg.train.seed, _RANK_RNG_STREAM, env.rank))
+    return model, config_yaml
+
+
+def _restore(cfg: Config, run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+             env: DistEnv) -> tuple[_Progress, dict[str, Any] | None]:
+    """Load the newest checkpoint, if any: the progress and this rank's random streams (None when
+    the world size changed, or on a fresh run)."""
+    ckpt_path = latest_checkpoint(run_dir)
+    if ckpt_path is None:
+        return _Progress(), None
+    # The state the checkpoint was written in: resized positions; a backbone that has not
+    # stepped yet (every step so far a head warm-up step) has no optimizer state to load.
+    written_at = checkpoint_step(ckpt_path)
+    if cfg.highres.start_step is not None and written_at > cfg.highres.start_step:
+        _resize_positions(model, optimizer, phase_config(cfg).crops.global_size)
+    if cfg.train.head_warmup_steps:
+        set_backbones_frozen(model.student_backbones(), written_at <= cfg.train.head_warmup_steps)  # type: ignore[operator]
+    state = load_training_state(ckpt_path, model, optimizer, env)
+    progress = _Progress(state["step"], state["skipped_images"], state["samples_consumed"])
+    if state["rng"] is None:  # another world size: fresh per-rank streams, still seeded
+        torch.manual_seed(derive_seed(cfg.train.seed, _RANK_RNG_STREAM, env.rank, progress.step))
+    if env.is_main:
+        log.info("resuming %s from step %d (written by %d process(es), now %d)",
+                 run_dir, progress.step, state["world_size"], env.world_size)
+    return progress, state["rng"]
+
+
+def _metrics_record(cfg: Config, progress: _Progress, terms: dict[str, Tensor], sched: dict[str, float],
+                    targets: dict[str, Tensor], images_per_s: float) -> dict[str, Any]:
+    """One line of metrics.jsonl: loss terms, schedule values, speed, skips and health signals."""
+    record: dict[str, Any] = {
+        "step": progress.step,
+        "loss": terms["total"].item(),
+        **{k: v.item() for k, v in terms.items() if k != "total"},
+        "lr": sched["lr"],
+        "wd": sched["wd"],
+        "momentum": sched["momentum"],
+        "teacher_temp": sched["teacher_temp"],
+        "images_per_s": images_per_s,
+        "skipped_images": progress.skipped_images,
+    }
+    if cfg.init.backbone:
+        record["backbone_lr_scale"] = sched["backbone_lr_scale"]
+    record.update(health_signals(targets))  # of rank 0's batch
+    if "koleo" in terms:
+        record["koleo_value"] = terms["koleo"].item() / cfg.loss.koleo_weight  # unweighted
+    return record
 
 
 def phase_config(cfg: Config) -> Config:
