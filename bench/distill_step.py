@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -31,12 +30,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import emit, machine_info  # noqa: E402
-from train_step import synthetic_batch  # noqa: E402
+from train_step import time_steps  # noqa: E402
 
-from dinokit.config import config_to_dict, load_config, schedule_args  # noqa: E402
-from dinokit.train.loop import build_model, resolve_device, train_step  # noqa: E402
+from dinokit.config import config_to_dict, load_config  # noqa: E402
+from dinokit.train.loop import build_model, resolve_device  # noqa: E402
 from dinokit.train.optim import build_optimizer  # noqa: E402
-from dinokit.train.schedules import build_schedules  # noqa: E402
 
 # name -> (preset, overrides of the teacher, students as `distill.students` items)
 CONFIGS = {
@@ -69,18 +67,8 @@ def _time_steps(cfg, device: torch.device, steps: int, warmup: int, run_dir: Pat
     torch.manual_seed(0)
     model = build_model(cfg, run_dir).to(device).train()
     optimizer = build_optimizer(model.trainable(), cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
-    schedules = build_schedules(**schedule_args(cfg))
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in synthetic_batch(cfg, 0).items()}
-    times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        train_step(model, optimizer, batch, schedules.at(i + 1000), cfg, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+    # Past the first epoch: the heads' last layer trains, as in most of a run.
+    times = time_steps(model, optimizer, cfg, device, steps, warmup, first_step=1000)
     per_step = statistics.median(times)
     out = {"seconds_per_step_median": round(per_step, 4), "images_per_s": round(cfg.optim.batch_size / per_step, 2)}
     if device.type == "cuda":

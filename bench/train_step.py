@@ -63,6 +63,24 @@ def synthetic_batch(cfg: Config, seed: int) -> dict:
     )
 
 
+def time_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, device: torch.device,
+               steps: int, warmup: int, first_step: int = 0) -> list[float]:
+    """Seconds of each of `steps` full `train_step`s on one synthetic batch, after `warmup`."""
+    schedules = build_schedules(**schedule_args(cfg))
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in synthetic_batch(cfg, 0).items()}
+    times = []
+    for i in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        train_step(model, optimizer, batch, schedules.at(first_step + i), cfg, device)  # type: ignore[arg-type]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
@@ -76,18 +94,7 @@ def bench(name: str, device: torch.device, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
     optimizer = build_optimizer(model.student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
-    schedules = build_schedules(**schedule_args(cfg))
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in synthetic_batch(cfg, 0).items()}
-    times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        train_step(model, optimizer, batch, schedules.at(i), cfg, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+    times = time_steps(model, optimizer, cfg, device, steps, warmup)
     per_step = statistics.median(times)
     result = {
         "config": name,

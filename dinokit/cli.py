@@ -42,33 +42,9 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
-    import logging
-
-    from dinokit.checkpoint import CheckpointError
-    from dinokit.config import ConfigError, load_config
-    from dinokit.data.datasets import DatasetError
-    from dinokit.train.loop import NonFiniteLossError, train
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    init = [f"init.backbone={args.init}"] if args.init else []
-    try:
-        cfg = load_config(args.preset, [f"data.path={args.data}", *init, *args.overrides])
-        result = train(cfg, args.out)
-    except (ConfigError, DatasetError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
-    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
-        print(f"done: {result.steps_done} steps, loss {result.final_loss:.4f}, "
-              f"{result.skipped_images} images skipped; teacher backbone in {args.out}/teacher_backbone.safetensors")
-    return 0
-
-
-def _distill(args: argparse.Namespace) -> int:
-    import json
+def _run_training(args: argparse.Namespace, items: list[str], distill: bool) -> int:
+    """`dinokit train` / `distill`: config from preset + items + overrides, then the one loop.
+    Exit codes: 2 for bad input (config, data, weights), 3 for a NaN loss."""
     import logging
 
     from dinokit.checkpoint import CheckpointError
@@ -78,13 +54,11 @@ def _distill(args: argparse.Namespace) -> int:
     from dinokit.train.loop import NonFiniteLossError, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    items = [f"data.path={args.data}", f"distill.teacher={args.teacher}",
-             f"distill.students={json.dumps(args.student or [])}"]
-    if args.teacher_arch:
-        items.append(f"distill.teacher_arch={args.teacher_arch}")
     try:
-        cfg = distill_config_with_teacher_heads(load_config(args.preset, [*items, *args.overrides]))
-        validate(cfg)
+        cfg = load_config(args.preset, [f"data.path={args.data}", *items, *args.overrides])
+        if distill:  # the students' heads take the teacher's head sizes
+            cfg = distill_config_with_teacher_heads(cfg)
+            validate(cfg)
         result = train(cfg, args.out)
     except (ConfigError, DatasetError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -92,10 +66,25 @@ def _distill(args: argparse.Namespace) -> int:
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    if os.environ.get("RANK", "0") == "0":
-        print(f"done: {result.steps_done} steps, loss {result.final_loss:.4f}, {result.skipped_images} images "
-              f"skipped; students (their EMA backbones) in {args.out}/students/")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        where = (f"students (their EMA backbones) in {args.out}/students/" if distill
+                 else f"teacher backbone in {args.out}/teacher_backbone.safetensors")
+        print(f"done: {result.steps_done} steps, loss {result.final_loss:.4f}, "
+              f"{result.skipped_images} images skipped; {where}")
     return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    return _run_training(args, [f"init.backbone={args.init}"] if args.init else [], distill=False)
+
+
+def _distill(args: argparse.Namespace) -> int:
+    import json
+
+    items = [f"distill.teacher={args.teacher}", f"distill.students={json.dumps(args.student or [])}"]
+    if args.teacher_arch:
+        items.append(f"distill.teacher_arch={args.teacher_arch}")
+    return _run_training(args, items, distill=True)
 
 
 def _quickstart(args: argparse.Namespace) -> int:

@@ -761,6 +761,9 @@ def _start_problems(cfg: Config, world_size: int) -> list[str]:
     for name in ("head_warmup_steps", "backbone_lr_warmup_steps"):
         if getattr(tr, name) < 0:
             problems.append(f"train.{name} must be >= 0, got {getattr(tr, name)}")
+    for key, source in (("init.backbone", cfg.init.backbone), ("distill.teacher", dist.teacher)):
+        if source and not Path(source).exists():
+            problems.append(f"{key}: {source} is neither a run folder nor a checkpoint file")
     if tr.head_warmup_steps > 0 and not cfg.init.backbone:
         problems.append("train.head_warmup_steps needs init.backbone (--init): warming heads up on a "
                         "random backbone teaches them nothing")

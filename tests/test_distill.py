@@ -12,25 +12,15 @@ from safetensors.torch import load_file
 from dinokit.checkpoint import CheckpointError
 from dinokit.checkpoint.resolve import resolve_backbone
 from dinokit.cli import main
-from dinokit.config import ConfigError, load_config
+from dinokit.config import ConfigError, schedule_args
 from dinokit.train.distill import DistillModel, build_distill_model
-from dinokit.train.loop import train, train_step
+from dinokit.train.loop import train_step
 from dinokit.train.metrics import read_metrics
 from dinokit.train.optim import build_optimizer
 from dinokit.train.schedules import build_schedules
-from dinokit.config import schedule_args
+from tests.test_init_weights import _cfg
+from tests.test_init_weights import base_run as teacher_run  # noqa: F401  (fixture)
 from tests.test_train import SMALL, image_folder  # noqa: F401  (fixture)
-
-
-def _cfg(folder: Path, *extra: str):
-    return load_config("tiny", [f"data.path={folder}", *SMALL, *extra])
-
-
-@pytest.fixture(scope="module")
-def teacher_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
-    run = tmp_path_factory.mktemp("teacher") / "run"
-    train(_cfg(image_folder, "train.max_steps=4"), run)
-    return run
 
 
 def _distill_cfg(folder: Path, teacher: Path, students: list[str], *extra: str):
@@ -131,7 +121,8 @@ def test_bad_distillation_input_fails_before_any_work(image_folder: Path, teache
                                                      capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
     run = tmp_path / "never"
     assert main(["distill", str(image_folder), "--teacher", str(tmp_path / "missing"), "--out", str(run), *SMALL]) == 2
-    assert "missing" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "distill.teacher" in err and "missing" in err
     assert main(["distill", str(image_folder), "--teacher", str(teacher_run), "--student", "dpth=3", "--out", str(run),
                  *SMALL]) == 2
     assert "model.dpth" in capsys.readouterr().err
@@ -172,3 +163,13 @@ def test_the_readme_flow_from_a_released_hub_file(image_folder: Path, tmp_path: 
                  "vit_tiny,depth=1", "--out", str(direct), *small, "train.max_steps=1",
                  "distill.teacher_head_warmup_steps=1"]) == 0
     assert (direct / "teacher_heads" / "teacher_backbone.safetensors").is_file()
+
+
+def test_a_bfloat16_teacher_gives_float32_targets(image_folder: Path, teacher_run: Path) -> None:  # noqa: F811
+    cfg = _distill_cfg(image_folder, teacher_run, ["depth=1"], "distill.teacher_dtype=bfloat16")
+    model = build_distill_model(cfg, None)
+    assert all(p.dtype == torch.bfloat16 for p in model.frozen_teacher.parameters())
+    assert all(p.dtype == torch.float32 for p in model.students.parameters())
+    terms, targets = model(_batches(cfg, 1)[0], 0.04)
+    assert targets["dino"].dtype == torch.float32 and targets["ibot"].dtype == torch.float32
+    assert torch.isfinite(terms["total"])
