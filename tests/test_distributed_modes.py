@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
+from dinokit.checkpoint.sources import read_weights
 from dinokit.config import load_config
 from dinokit.train.loop import train
 from tests.test_distributed import _assert_close, _overrides, _run_2_ranks, _terms, image_folder  # noqa: F401
@@ -33,6 +35,10 @@ def runs(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
         train(load_config("tiny", _overrides(image_folder, STEPS, *extra)), out[name])
         out[f"{name}_ddp"] = root / f"{name}_ddp"
         jobs.append((_overrides(image_folder, STEPS, "train.distributed.strategy=ddp", *extra), out[f"{name}_ddp"]))
+    out["plain_1"] = root / "plain_1"
+    train(load_config("tiny", _overrides(image_folder, STEPS)), out["plain_1"])
+    out["plain_fsdp"] = root / "plain_fsdp"
+    jobs.append((_overrides(image_folder, STEPS, "train.distributed.strategy=fsdp"), out["plain_fsdp"]))
     out["distill_fsdp"] = root / "distill_fsdp"
     jobs.append((_overrides(image_folder, STEPS, "train.distributed.strategy=fsdp", *modes["distill"]),
                  out["distill_fsdp"]))
@@ -52,3 +58,11 @@ def test_two_rank_distillation_exports_the_students_ema(runs: dict[str, Path]) -
     assert one.keys() == two.keys()
     for key in one:
         assert (one[key] - two[key]).abs().max() < 1e-4, key
+
+
+def test_heads_are_read_from_a_sharded_checkpoint(runs: dict[str, Path]) -> None:
+    """`--init` / `distill --teacher` of an FSDP run folder read its heads out of the DCP shards."""
+    sharded, single = read_weights(runs["plain_fsdp"]), read_weights(runs["plain_1"])
+    assert list(sharded.heads) == ["dino_head"]
+    for key, value in single.heads["dino_head"].items():
+        torch.testing.assert_close(sharded.heads["dino_head"][key], value, rtol=1e-4, atol=1e-6)
