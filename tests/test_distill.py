@@ -117,8 +117,8 @@ def test_a_teacher_without_heads_gets_them_warmed_up_first(image_folder: Path, t
     assert len(read_metrics(run)) == 2
 
 
-def test_bad_distillation_input_fails_before_any_work(image_folder: Path, teacher_run: Path, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+def test_bad_distillation_input_fails_before_any_work(image_folder: Path, teacher_run: Path, tmp_path: Path,  # noqa: F811
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "never"
     assert main(["distill", str(image_folder), "--teacher", str(tmp_path / "missing"), "--out", str(run), *SMALL]) == 2
     err = capsys.readouterr().err

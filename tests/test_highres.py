@@ -60,8 +60,8 @@ def test_a_phase_of_its_own_from_weights(image_folder: Path, tmp_path: Path) -> 
     assert load_file(str(run / "teacher_backbone.safetensors"))["pos_embed"].shape[1] == 17
 
 
-def test_a_phase_that_never_starts_fails_before_any_work(image_folder: Path, tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+def test_a_phase_that_never_starts_fails_before_any_work(image_folder: Path, tmp_path: Path,  # noqa: F811
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "never"
     assert main(["train", str(image_folder), "--out", str(run), *SMALL, "highres.start_step=20",
                  "highres.global_size=56"]) == 2

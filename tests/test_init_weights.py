@@ -85,8 +85,8 @@ def test_resume_inside_the_head_warmup_is_exact(image_folder: Path, base_run: Pa
                   load_file(str(straight / "teacher_backbone.safetensors")))
 
 
-def test_official_training_checkpoint_layout_loads_backbone_and_heads(image_folder: Path, base_run: Path,
-                                                                      tmp_path: Path) -> None:  # noqa: F811
+def test_official_training_checkpoint_layout_loads_backbone_and_heads(image_folder: Path, base_run: Path,  # noqa: F811
+                                                                      tmp_path: Path) -> None:
     """Chunked blocks under `backbone.`, heads beside them, inside model/teacher (the official layout)."""
     state = torch.load(base_run / "checkpoints" / "step_00000004" / "state.pt", weights_only=True)
 
@@ -109,8 +109,8 @@ def test_official_training_checkpoint_layout_loads_backbone_and_heads(image_fold
     assert _equal(model.student["backbone"].state_dict(), load_file(str(base_run / "teacher_backbone.safetensors")))
 
 
-def test_a_backbone_made_for_another_size_gets_its_positions_resized(image_folder: Path, base_run: Path,
-                                                                     tmp_path: Path) -> None:  # noqa: F811
+def test_a_backbone_made_for_another_size_gets_its_positions_resized(image_folder: Path, base_run: Path,  # noqa: F811
+                                                                     tmp_path: Path) -> None:
     big = build_model(_cfg(image_folder, "model.img_size=56")).student["backbone"].state_dict()
     path = tmp_path / "backbone_56px.safetensors"
     save_file({k: v.contiguous() for k, v in big.items()}, str(path))
@@ -122,8 +122,8 @@ def test_a_backbone_made_for_another_size_gets_its_positions_resized(image_folde
     torch.testing.assert_close(pos.detach(), resize_pos_embed(big["pos_embed"], 2), atol=0, rtol=0)
 
 
-def test_weights_that_do_not_fit_fail_before_any_work_naming_keys(image_folder: Path, base_run: Path, tmp_path: Path,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+def test_weights_that_do_not_fit_fail_before_any_work_naming_keys(image_folder: Path, base_run: Path, tmp_path: Path,  # noqa: F811
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "misfit"
     code = main(["train", str(image_folder), "--out", str(run), "--init", str(base_run), *SMALL, "model.depth=3"])
     assert code == 2
