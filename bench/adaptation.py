@@ -18,6 +18,8 @@ Parts (every run is a `dinokit` command, printed and recorded with its wall time
 - distill: the teacher distilled into a 4-block student and a student of its own architecture in
   one run; each student against the same architecture trained from scratch for the same wall
   time (the whole distillation's time, per student).
+- distill_share: each student from scratch for its share of the distillation's time (the time
+  divided by the number of students); needs the distill part's results and probes.
 - highres: a 56 px phase (4 x 4 tokens) continued from the teacher; k-NN at 56 px before / after,
   attention and PCA pictures at 56 px before / after.
 
@@ -157,6 +159,24 @@ def part_distill(teacher: Path, work: Path, steps: int) -> dict[str, Any]:
     return out
 
 
+def part_distill_share(work: Path, report: dict[str, Any], students: list[str]) -> dict[str, Any]:
+    """Each student from scratch for its share of the distillation's wall time (the run's time
+    divided by its number of students), at the speed its `distill` probe measured."""
+    distill = report["distill"]
+    share = distill["seconds"] / len(distill["students"])
+    out: dict[str, Any] = {"seconds_per_student": round(share, 1)}
+    for name in students:
+        arch = [] if distill["students"][name]["arch"].startswith("the teacher") else distill["students"][name]["arch"].split()
+        step_s = 64 / images_per_s(work.parent / "distill" / f"scratch_{name}_probe")
+        steps = max(300, int(share / step_s) // 300 * 300)
+        run_dir = work / f"scratch_{name}"
+        cmd = [*DINOKIT, "train", FMNIST, "--preset", "tiny", "--out", str(run_dir), "data.dataset=fashion_mnist",
+               f"optim.epochs={steps // 300}", *arch]
+        out[name] = {"command": " ".join(cmd[3:]), "steps": steps, "seconds": run(cmd, work / f"scratch_{name}.log"),
+                     "knn": knn(run_dir, "fashion_mnist", "fashion_mnist", work, f"scratch_{name}")}
+    return out
+
+
 def part_highres(teacher: Path, work: Path, size: int) -> dict[str, Any]:
     run_dir = work / "highres"
     cmd = [*DINOKIT, "train", FMNIST, "--preset", "tiny", "--init", str(teacher), "--out", str(run_dir),
@@ -200,6 +220,8 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["continue", "domain", "distill", "highres"])
     parser.add_argument("--distill-steps", type=int, default=3000)
     parser.add_argument("--highres-size", type=int, default=56)
+    parser.add_argument("--share-students", nargs="+", default=["student0", "student1"],
+                        help="students of the distill_share part")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
@@ -219,6 +241,8 @@ def main() -> None:
             result = part_domain(args.teacher, work, epochs=2)
         elif part == "distill":
             result = part_distill(args.teacher, work, args.distill_steps)
+        elif part == "distill_share":
+            result = part_distill_share(work, report, args.share_students)
         elif part == "highres":
             result = part_highres(args.teacher, work, args.highres_size)
         else:
