@@ -188,9 +188,10 @@ def part_highres(teacher: Path, work: Path, size: int) -> dict[str, Any]:
     pictures = work / "highres_pictures"
     sample = _sample_images(work / "fm_samples")
     for name, backbone in (("before", teacher), ("after", run_dir)):
-        for kind in ("attention", "pca"):
-            run([*DINOKIT, "viz", kind, str(backbone), *sample, "--size", str(size), "--out", str(pictures / name)],
-                work / f"viz_{kind}_{name}.log")
+        run([*DINOKIT, "viz", "attention", str(backbone), *sample, "--size", str(size), "--out", str(pictures / name)],
+            work / f"viz_attention_{name}.log")
+        run([*DINOKIT, "viz", "pca", str(backbone), *sample, "--size", str(size), "--out",
+             str(pictures / name / "pca.png")], work / f"viz_pca_{name}.log")
     return {"command": " ".join(cmd[3:]), "seconds": seconds, "steps": 600, "size": size,
             "images_per_s": images_per_s(run_dir),
             "knn_before": knn(teacher, "fashion_mnist", "fashion_mnist", work, f"hr_before_{size}", *crop),
@@ -215,22 +216,22 @@ def _sample_images(folder: Path) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", type=Path, required=True, help="tiny-preset run folder trained on Fashion-MNIST")
-    parser.add_argument("--work", type=Path, required=True, help="folder for the runs (a fresh one per part)")
+    parser.add_argument("--work", type=Path, required=True, help="folder for the runs (one sub-folder per part)")
     parser.add_argument("--out", type=Path, required=True, help="results JSON (merged part by part)")
     parser.add_argument("--parts", nargs="+", default=["continue", "domain", "distill", "highres"])
     parser.add_argument("--distill-steps", type=int, default=3000)
     parser.add_argument("--highres-size", type=int, default=56)
     parser.add_argument("--share-students", nargs="+", default=["student0", "student1"],
                         help="students of the distill_share part")
+    parser.add_argument("--distill-results", type=Path, default=None,
+                        help="results JSON holding the distill part (default: --out)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
     report["machine"] = machine_info()
     report["teacher"] = {"run": str(args.teacher), "config": (args.teacher / "config.yaml").read_text()}
     for part in args.parts:
-        work = args.work / part
-        if work.exists() and any(work.iterdir()):
-            raise SystemExit(f"{work} is not empty: remove it or choose another --work")
+        work = args.work / part  # run again, a part's training runs resume (finished ones return at once)
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         if part == "continue":
@@ -242,7 +243,8 @@ def main() -> None:
         elif part == "distill":
             result = part_distill(args.teacher, work, args.distill_steps)
         elif part == "distill_share":
-            result = part_distill_share(work, report, args.share_students)
+            source = json.loads(args.distill_results.read_text()) if args.distill_results else report
+            result = part_distill_share(work, source, args.share_students)
         elif part == "highres":
             result = part_highres(args.teacher, work, args.highres_size)
         else:

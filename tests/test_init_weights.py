@@ -153,8 +153,8 @@ def test_finetune_preset_loads_an_official_hub_layout(tmp_path: Path) -> None:
     from dinokit.models import build_official
 
     hub = build_official("dinov2_vits14").state_dict()
-    cfg = load_config("finetune_vits14", [f"init.backbone={tmp_path / 'dinov2_vits14_pretrain.pth'}"])
     torch.save(hub, tmp_path / "dinov2_vits14_pretrain.pth")
+    cfg = load_config("finetune_vits14", [f"init.backbone={tmp_path / 'dinov2_vits14_pretrain.pth'}"])
     model = build_model(cfg)
     assert load_initial_weights(model.networks(), cfg.init) == ["backbone"]
     assert _equal(model.teacher["backbone"].state_dict(), hub)
