@@ -80,7 +80,7 @@ def _time_steps(cfg, device: torch.device, steps: int, warmup: int, run_dir: Pat
 
 
 def one(config: str, variant: str, device: torch.device, steps: int, warmup: int, work: Path) -> dict:
-    """One variant in this process: `alone:SPEC` (the student's own step) or `distill`."""
+    """One variant in this process: `alone:STUDENT` (the student's own step) or `distill`."""
     preset, overrides, students = CONFIGS[config]
     if variant.startswith("alone:"):
         spec = variant[len("alone:"):]
