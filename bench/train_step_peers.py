@@ -28,7 +28,7 @@ The same work on both sides, built from one dinokit `Config` (`CONFIGS` below):
 `--malloc`: `default` runs both workers with glibc's allocator as it comes; `tuned` raises the
 mmap / trim thresholds (`TUNED_MALLOC`, environment only), which stops large activations from
 being unmapped and re-faulted every step; `both` runs each. The summary compares dinokit's best
-setting with lightly's best, as BENCHMARKS.md asks.
+setting with lightly's best (a peer is compared at its best, allocator tuning included).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from _report import emit, machine_info  # bench/ is on sys.path when a script ru
 
 BENCH = Path(__file__).resolve().parent
 FRAMEWORKS = ("dinokit", "lightly")
-# name -> (preset, overrides). "vit_tiny16" and "vits14" are BENCHMARKS.md's peer configurations.
+# name -> (preset, overrides). "vit_tiny16" and "vits14" are the peer configurations of docs/benchmarks.md.
 CONFIGS: dict[str, tuple[str, list[str]]] = {
     "tiny": ("tiny", []),
     "vit_tiny16": ("vits14", ["model.arch=vit_tiny", "model.patch_size=16", "model.img_size=96",

@@ -92,7 +92,7 @@ class DataConfig:
 @dataclass
 class CropsConfig:
     """Multi-crop: 2 global crops and `local_number` local crops (sizes in pixels), and the
-    probabilities of the photometric augmentations (SPEC §3 values). `blur_p` is (global crop 1,
+    probabilities of the photometric augmentations (DINOv2's values). `blur_p` is (global crop 1,
     global crop 2, local crops); solarisation applies to global crop 2 only."""
 
     global_size: int = 224

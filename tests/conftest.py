@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# The repository carries a copy of shared/reference/dinov2 so that a clone elsewhere can run the
-# parity tests; the shared folder beside the checkout wins when it is there (it may be newer).
+# The repository carries a copy of the official-code reference outputs so that any clone can run
+# the parity tests; a reference folder beside the checkout wins when it is there (it may be newer).
 BUNDLED_REFERENCE = REPO / "tests" / "data" / "reference_dinov2"
 SHARED_REFERENCE = REPO.parent / "shared" / "reference" / "dinov2"
 

@@ -1,6 +1,6 @@
 """Loading DINO / DINOv2 checkpoints by key mapping, without executing code from the file.
 
-Handled layouts (SPEC §1):
+Handled layouts (those of the official DINO / DINOv2 releases):
 - official hub backbones (`dinov2_vits14_pretrain.pth`): plain backbone keys;
 - official DINOv2 training checkpoints: `{"model": {"teacher": {"backbone.blocks.{c}.{i}...",
   "dino_head...", "ibot_head..."}, "student": {...}}}`, blocks chunked for FSDP;

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from dinokit.checkpoint.loading import CheckpointError, load_backbone, read_checkpoint
+from dinokit.checkpoint.loading import CheckpointError, backbone_state_dict, load_backbone, load_into, read_checkpoint
 from dinokit.models.builders import OFFICIAL_ARCHS, build_official
 from dinokit.models.vision_transformer import VisionTransformer
 
@@ -81,13 +81,13 @@ def _from_run(run_dir: Path, random_init: bool) -> ResolvedBackbone:
     else:
         if not weights.is_file():
             raise CheckpointError(f"{weights} does not exist: the run has not written a checkpoint yet")
-        state = read_checkpoint(weights)
+        state = backbone_state_dict(read_checkpoint(weights))
         if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
             # Written after a resolution switch (highres): the grid of that phase.
             grid = math.isqrt(state["pos_embed"].shape[1] - 1)
             model.resize_pos_embed_(grid * model.patch_size)
             if cfg.highres.global_size == grid * model.patch_size:
                 image_size = cfg.highres.global_size
-        load_backbone(model, weights)
+        load_into(model, state, source=str(weights))  # the tensors read above, not the file again
         source = str(weights)
     return ResolvedBackbone(model.eval(), source, image_size)

@@ -75,7 +75,7 @@ def distributed_env(device_name: str = "auto") -> Iterator[DistEnv]:
     device = resolve_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        # nccl is untested here (no GPU on the development machine); it is the standard choice.
+        # nccl has not run on a GPU yet (see docs/distributed.md); it is the standard choice.
         dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")

@@ -1,6 +1,6 @@
 """Named ViT sizes and the official DINO / DINOv2 architectures.
 
-`vit_small/base/large/giant2` follow the DINOv2 sizes (SPEC §1); `build_official(name)` gives the
+`vit_small/base/large/giant2` follow the DINOv2 sizes (Oquab et al. 2023); `build_official(name)` gives the
 exact architecture of a released checkpoint, so that its state_dict loads key for key.
 """
 

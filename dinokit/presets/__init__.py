@@ -2,5 +2,5 @@
 
 Each file only sets values of the `dinokit.config.Config` dataclasses; anything it leaves out
 keeps the dataclass default. Values marked `# official config` come from the official DINOv2 /
-DINO training configurations where SPEC.md is silent.
+DINO training configurations.
 """

@@ -1,7 +1,7 @@
 """Shared machinery of the parity checker: a case, its tensors, and the comparisons made on it.
 
 A reference folder holds `manifest.json` and one safetensors file per case (see the README of
-`shared/reference/dinov2`). Each case has a `kind`; a runner for that kind rebuilds the case from
+`tests/data/reference_dinov2`). Each case has a `kind`; a runner for that kind rebuilds the case from
 the manifest's plain values, runs dinokit's implementation and calls `CaseContext.compare*` for
 every reference output. The checker then insists that every `out.*` tensor of the file (debug
 tensors excepted) was compared, so a runner cannot pass a case by forgetting part of it.

@@ -192,9 +192,10 @@ def teacher_heads_run(run_dir: Path) -> Path:
     return run_dir / TEACHER_HEADS_DIR
 
 
-def teacher_weights(cfg: Config, run_dir: Path | None) -> TrainedWeights:
-    """The teacher's weights; heads from the run's own head warm-up when the source has none."""
-    weights = read_weights(cfg.distill.teacher)
+def teacher_weights(cfg: Config, run_dir: Path | None, weights: TrainedWeights | None = None) -> TrainedWeights:
+    """The teacher's weights (`weights` if already read); heads from the run's own head warm-up
+    when the source has none."""
+    weights = weights or read_weights(cfg.distill.teacher)
     if "dino_head" not in weights.heads:
         heads_run = teacher_heads_run(run_dir) if run_dir is not None else None
         if heads_run is None or not (heads_run / "teacher_backbone.safetensors").is_file():
@@ -208,9 +209,10 @@ def _head(shape: Any, base: HeadConfig, in_dim: int) -> nn.Module:
     return build_head(_head_config(shape, base), in_dim)
 
 
-def build_distill_model(cfg: Config, run_dir: Path | None) -> DistillModel:
-    """The frozen teacher (loaded) and the students of `cfg` (fresh), checked against each other."""
-    weights = teacher_weights(cfg, run_dir)
+def build_distill_model(cfg: Config, run_dir: Path | None, teacher: TrainedWeights | None = None) -> DistillModel:
+    """The frozen teacher (loaded; `teacher` if its weights were read already) and the students of
+    `cfg` (fresh), checked against each other."""
+    weights = teacher_weights(cfg, run_dir, teacher)
     source = str(weights.source)
     tmodel = teacher_model_config(cfg)
     backbone = vit_args_from_config(tmodel).build()
@@ -260,10 +262,6 @@ def distill_config_with_teacher_heads(cfg: Config) -> Config:
     if "ibot_head" in weights.heads:
         loss = dataclasses.replace(loss, ibot_head=_head_config(weights.head_shape("ibot_head"), cfg.loss.ibot_head))
     return dataclasses.replace(cfg, head=dino, loss=loss)
-
-
-def teacher_needs_heads(cfg: Config) -> bool:
-    return bool(cfg.distill.teacher) and "dino_head" not in read_weights(cfg.distill.teacher).heads
 
 
 def teacher_heads_config(cfg: Config) -> Config:

@@ -62,6 +62,7 @@ from dinokit.data.masking import MaskingGenerator
 from dinokit.data.transforms import MultiCropAugmentation
 from dinokit.distributed import DTYPES, DistEnv, distributed_env, parallelize, reduce_sum
 from dinokit.distributed.env import resolve_device
+from dinokit.checkpoint.sources import TrainedWeights, read_weights
 from dinokit.models.vision_transformer import resize_pos_embed
 from dinokit.train.compute import apply_compute_options
 from dinokit.train.distill import (
@@ -69,7 +70,6 @@ from dinokit.train.distill import (
     build_distill_model,
     teacher_heads_config,
     teacher_heads_run,
-    teacher_needs_heads,
 )
 from dinokit.train.init_weights import backbone_lr_scale, load_initial_weights, set_backbones_frozen
 from dinokit.train.metrics import MetricsLog
@@ -116,12 +116,14 @@ def build_dataset(cfg: Config) -> Any:
     return ImageFolderDataset(data.path)
 
 
-def build_model(cfg: Config, run_dir: Path | None = None) -> SSLModel | DistillModel:
-    """Student and teacher of `cfg` (or, with `distill.teacher`, the frozen teacher and the
-    students), with the compute options of `cfg.train` applied (packing, activation
-    checkpointing, compile: `dinokit.train.compute`). Weights of `init` are not loaded here."""
+def build_model(cfg: Config, run_dir: Path | None = None,
+                teacher: TrainedWeights | None = None) -> SSLModel | DistillModel:
+    """Student and teacher of `cfg` (or, with `distill.teacher`, the frozen teacher, from
+    `teacher` when already read, and the students), with the compute options of `cfg.train`
+    applied (packing, activation checkpointing, compile: `dinokit.train.compute`). Weights of
+    `init` are not loaded here."""
     if cfg.distill.teacher:
-        return apply_compute_options(build_distill_model(cfg, run_dir), cfg.train)
+        return apply_compute_options(build_distill_model(cfg, run_dir, teacher), cfg.train)
     v1 = cfg.loss.mode == "dino"
     model = SSLModel(
         vit_args_from_config(cfg.model, use_mask_token=not v1).build(),
@@ -271,7 +273,7 @@ def train_step(
     if cfg.optim.clip_grad > 0:
         # Per sub-model, as the official code: a huge head gradient does not shrink the backbone's.
         for module in model.trainable().values():
-            clip_grad_norm_([p for p in module.parameters() if p.requires_grad], cfg.optim.clip_grad)
+            clip_grad_norm_(module.parameters(), cfg.optim.clip_grad)  # frozen parameters have no grad
     optimizer.step()
     model.update_teacher(sched["momentum"])
     return reported, targets
@@ -299,11 +301,12 @@ class _Progress:
 
 def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
     dataset, online_knn = _check_before_work(cfg, run_dir, env)
-    if cfg.distill.teacher and teacher_needs_heads(cfg):
+    teacher = read_weights(cfg.distill.teacher) if cfg.distill.teacher else None  # read once
+    if teacher is not None and "dino_head" not in teacher.heads:
         if env.is_main:
             log.info("distill.teacher has no heads: training them first in %s", teacher_heads_run(run_dir))
         _train(teacher_heads_config(cfg), teacher_heads_run(run_dir), env)
-    model, config_yaml = _build_and_start(cfg, run_dir, env)
+    model, config_yaml = _build_and_start(cfg, run_dir, env, teacher)
 
     dist_cfg = cfg.train.distributed
     # Frozen backbones give no gradients during a head warm-up: DDP must expect unused parameters.
@@ -424,12 +427,13 @@ def _check_before_work(cfg: Config, run_dir: Path, env: DistEnv) -> tuple[Any, O
     return dataset, online_knn
 
 
-def _build_and_start(cfg: Config, run_dir: Path, env: DistEnv) -> tuple[SSLModel | DistillModel, str]:
+def _build_and_start(cfg: Config, run_dir: Path, env: DistEnv,
+                     teacher: TrainedWeights | None) -> tuple[SSLModel | DistillModel, str]:
     """The model on its device, with `init` weights on a fresh run (a misfit fails before
     anything is written), and the run folder's config.yaml written."""
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    model = build_model(cfg, run_dir)  # the same initial weights on every rank
+    model = build_model(cfg, run_dir, teacher)  # the same initial weights on every rank
     if latest_checkpoint(run_dir) is None and cfg.init.backbone:
         load_initial_weights(model.networks(), cfg.init)
     config_yaml = _dump_yaml(cfg)

@@ -1,10 +1,10 @@
-"""Per-parameter learning-rate and weight-decay multipliers for AdamW (DINOv2 recipe, SPEC §3).
+"""Per-parameter learning-rate and weight-decay multipliers for AdamW (DINOv2 recipe).
 
 - layer-wise lr decay: a parameter at depth `l` (0 = embeddings, i + 1 = block i, depth + 1 =
   final norm and heads) gets `decay ** (depth + 1 - l)`;
 - the patch embedding's lr is further multiplied by `patch_embed_lr_mult` (0.2);
 - no weight decay on biases, norms and LayerScale gammas; the official code does decay the
-  learned tokens (cls / pos / register / mask), SPEC asks for no decay on them: `decay_tokens`
+  learned tokens (cls / pos / register / mask), the DINOv2 paper's recipe puts no decay on them: `decay_tokens`
   chooses (False by default, True reproduces the official groups exactly);
 - parameters of a head's `last_layer` are flagged so the training loop can freeze them early.
 """

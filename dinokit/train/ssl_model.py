@@ -28,7 +28,7 @@ from dinokit.models.vision_transformer import VisionTransformer
 
 
 def build_head(head: HeadConfig, in_dim: int) -> DINOHead:
-    """A projection head of the configured sizes (SPEC §2) on `in_dim` features."""
+    """A projection head of the configured sizes (DINO / DINOv2 head) on `in_dim` features."""
     return DINOHead(in_dim, head.out_dim, nlayers=head.nlayers, hidden_dim=head.hidden_dim,
                     bottleneck_dim=head.bottleneck_dim, norm_last_layer=head.norm_last_layer)
 

@@ -1,4 +1,4 @@
-"""Pictures of what a backbone learned and of how its training went (SPEC §5).
+"""Pictures of what a backbone learned and of how its training went (DINO's attention maps, DINOv2's PCA pictures).
 
 - `attention`: last-block [CLS] attention maps per head, DINO's emergent object masks.
 - `pca`: PCA of patch features as colours, background removed (DINOv2 style).
