@@ -19,7 +19,8 @@ Parts (every run is a `dinokit` command, printed and recorded with its wall time
   one run; each student against the same architecture trained from scratch for the same wall
   time (the whole distillation's time, per student).
 - distill_share: each student from scratch for its share of the distillation's time (the time
-  divided by the number of students); needs the distill part's results and probes.
+  divided by the number of students), in steps at the speed the distill part's scratch run of it
+  had; needs the distill part's results (`--distill-results`).
 - highres: a 56 px phase (4 x 4 tokens) continued from the teacher; k-NN at 56 px before / after,
   attention and PCA pictures at 56 px before / after.
 
@@ -161,13 +162,16 @@ def part_distill(teacher: Path, work: Path, steps: int) -> dict[str, Any]:
 
 def part_distill_share(work: Path, report: dict[str, Any], students: list[str]) -> dict[str, Any]:
     """Each student from scratch for its share of the distillation's wall time (the run's time
-    divided by its number of students), at the speed its `distill` probe measured."""
+    divided by its number of students). The steps that fit in the share come from the `distill`
+    part's own from-scratch run of that student (its seconds per step, start-up included), so the
+    share is counted on the machine that timed the distillation, wherever these runs execute."""
     distill = report["distill"]
     share = distill["seconds"] / len(distill["students"])
-    out: dict[str, Any] = {"seconds_per_student": round(share, 1)}
+    out: dict[str, Any] = {"seconds_per_student": round(share, 1), "timed_on": report["machine"]["cpu"]}
     for name in students:
-        arch = [] if distill["students"][name]["arch"].startswith("the teacher") else distill["students"][name]["arch"].split()
-        step_s = 64 / images_per_s(work.parent / "distill" / f"scratch_{name}_probe")
+        student = distill["students"][name]
+        arch = [] if student["arch"].startswith("the teacher") else student["arch"].split()
+        step_s = student["scratch"]["seconds"] / student["scratch"]["steps"]
         steps = max(300, int(share / step_s) // 300 * 300)
         run_dir = work / f"scratch_{name}"
         cmd = [*DINOKIT, "train", FMNIST, "--preset", "tiny", "--out", str(run_dir), "data.dataset=fashion_mnist",
@@ -215,7 +219,8 @@ def _sample_images(folder: Path) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", type=Path, required=True, help="tiny-preset run folder trained on Fashion-MNIST")
+    parser.add_argument("--teacher", type=Path, default=None,
+                        help="tiny-preset run folder trained on Fashion-MNIST (every part but distill_share)")
     parser.add_argument("--work", type=Path, required=True, help="folder for the runs (one sub-folder per part)")
     parser.add_argument("--out", type=Path, required=True, help="results JSON (merged part by part)")
     parser.add_argument("--parts", nargs="+", default=["continue", "domain", "distill", "highres"])
@@ -226,10 +231,13 @@ def main() -> None:
     parser.add_argument("--distill-results", type=Path, default=None,
                         help="results JSON holding the distill part (default: --out)")
     args = parser.parse_args()
+    if args.teacher is None and set(args.parts) - {"distill_share"}:
+        parser.error(f"--teacher is needed by the parts {sorted(set(args.parts) - {'distill_share'})}")
     args.work.mkdir(parents=True, exist_ok=True)
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
     report["machine"] = machine_info()
-    report["teacher"] = {"run": str(args.teacher), "config": (args.teacher / "config.yaml").read_text()}
+    if args.teacher is not None:
+        report["teacher"] = {"run": str(args.teacher), "config": (args.teacher / "config.yaml").read_text()}
     for part in args.parts:
         work = args.work / part  # run again, a part's training runs resume (finished ones return at once)
         work.mkdir(parents=True, exist_ok=True)

@@ -107,6 +107,24 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from dinokit.checkpoint import CheckpointError
+    from dinokit.export.command import ExportError, export_backbone
+
+    try:
+        report = export_backbone(args.backbone, args.to, args.out, args.arch, args.img_size, args.tolerance)
+    except (CheckpointError, ExportError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(report.lines()))
+    print(f"load it with:\n{report.usage}", end="")
+    if not report.passed:
+        print(f"error: the {args.to} outputs differ from dinokit's beyond {report.tolerance:g} "
+              f"(see {args.out / 'parity.json'})", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dinokit", description="DINO / DINOv2 self-supervised learning toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,6 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=int, default=224, help="input side in pixels (rounded to the patch)")
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"))
     demo.set_defaults(func=_demo)
+
+    ex = sub.add_parser("export", help="write a backbone for transformers, timm or ONNX and check its outputs")
+    ex.add_argument("backbone", help="run folder, checkpoint file (with --arch), transformers or timm folder")
+    ex.add_argument("--to", required=True, choices=["hf", "timm", "onnx"])
+    ex.add_argument("--out", type=Path, required=True, help="new (or empty) folder to write")
+    ex.add_argument("--arch", default=None, help="architecture of a checkpoint file (default dinov2_vits14)")
+    ex.add_argument("--img-size", type=int, default=None,
+                    help="store the positional grid for this size (exact there for every target)")
+    ex.add_argument("--tolerance", type=float, default=None, help="largest max |diff| accepted (default 1e-4)")
+    ex.set_defaults(func=_export)
 
     from dinokit.curate.commands import add_commands as add_curate_commands
     from dinokit.eval.commands import add_commands as add_eval_commands

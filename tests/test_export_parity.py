@@ -8,6 +8,7 @@ import torch
 from dinokit.export.hf import to_hf, to_hf_state_dict
 from dinokit.export.timm import to_timm, to_timm_state_dict
 from dinokit.models.builders import ViTArgs
+from tests.conftest import require
 
 # Tiny variants of each released family; every one is evaluated at a size other than its
 # stored grid, so the positional embedding goes through the official interpolation.
@@ -47,7 +48,7 @@ PEERS = {
 @pytest.mark.parametrize("peer", list(PEERS))
 @pytest.mark.parametrize("name", list(ARCHS))
 def test_peer_outputs_match(name: str, peer: str) -> None:
-    pytest.importorskip(peer, reason=f"{peer} is an optional peer (pip install dinokit[bench])")
+    require(peer)
     model = random_model(ARCHS[name])
     x = torch.randn(2, 3, EVAL_SIZE, EVAL_SIZE)
     with torch.no_grad():

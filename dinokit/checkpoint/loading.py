@@ -6,7 +6,9 @@ Handled layouts (those of the official DINO / DINOv2 releases):
   "dino_head...", "ibot_head..."}, "student": {...}}}`, blocks chunked for FSDP;
 - DINO v1 checkpoints: hub backbones, or training checkpoints with `teacher` / `student` dicts
   whose keys start with `module.backbone.` / `backbone.` and `head.`;
-- dinokit's own safetensors exports.
+- dinokit's own safetensors exports;
+- state dicts in Hugging Face transformers' or timm's DINOv2 names (renamed by
+  `dinokit.export.hf` / `dinokit.export.timm`; their folders: `dinokit.checkpoint.foreign`).
 
 `.pth` files are read with `torch.load(weights_only=True)`, which refuses pickled code.
 """
@@ -131,15 +133,33 @@ def split_components(state_dict: Mapping[str, Tensor]) -> dict[str, dict[str, Te
 
 
 def backbone_state_dict(ckpt: Mapping[str, Any], which: str = "teacher") -> dict[str, Tensor]:
-    """The backbone's weights in dinokit / hub key names, from any supported checkpoint layout."""
+    """The backbone's weights in dinokit / hub key names, from any supported checkpoint layout
+    (state dicts in transformers' or timm's names are renamed, see `dinokit.export`)."""
+    from dinokit.export.hf import from_hf_state_dict, is_hf_state_dict
+    from dinokit.export.timm import from_timm_state_dict, is_timm_state_dict
+
     flat = strip_wrappers(select_state_dict(ckpt, which))
-    return unchunk_blocks(split_components(flat)["backbone"])
+    if is_hf_state_dict(flat):
+        return from_hf_state_dict(flat)
+    state = unchunk_blocks(split_components(flat)["backbone"])
+    return from_timm_state_dict(state) if is_timm_state_dict(state) else state
 
 
 def head_state_dicts(ckpt: Mapping[str, Any], which: str = "teacher") -> dict[str, dict[str, Tensor]]:
     """The projection heads of a training checkpoint (`dino_head`, `ibot_head`, DINO v1 `head`)."""
     parts = split_components(strip_wrappers(select_state_dict(ckpt, which)))
     return {k: v for k, v in parts.items() if k != "backbone" and v}
+
+
+def with_mask_token(model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """`state_dict` with a zero `mask_token` when `model` has one and the weights do not (timm
+    files, DINO v1 weights into a DINOv2 architecture): zeros are DINOv2's initial value, and
+    the token only enters masked-image training, never inference."""
+    out = dict(state_dict)
+    token = getattr(model, "mask_token", None)
+    if isinstance(token, Tensor) and "mask_token" not in out and "cls_token" in out:
+        out["mask_token"] = torch.zeros_like(token)
+    return out
 
 
 def describe_mismatch(model: nn.Module, state_dict: Mapping[str, Tensor]) -> str:

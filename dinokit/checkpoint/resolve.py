@@ -4,7 +4,10 @@
   `teacher_backbone.safetensors` the weights (the EMA teacher is the model that is released),
   with the positional grid and evaluation size of a high-resolution phase once it ran; a
   distillation student's folder (`RUN/students/NAME`) is one too;
-- a checkpoint file (`.pth` / `.safetensors`, official or dinokit) together with `arch`;
+- a Hugging Face transformers DINOv2 folder or a timm DINOv2 folder (`dinokit export` writes
+  both): the architecture from its `config.json` (see `dinokit.checkpoint.foreign`);
+- a checkpoint file (`.pth` / `.safetensors`: official, dinokit, or a state dict in timm's or
+  transformers' names) together with `arch`;
 - a named architecture (`dinov2_vits14`, ...) alone: random initialisation, for baselines.
 """
 
@@ -14,7 +17,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from dinokit.checkpoint.loading import CheckpointError, backbone_state_dict, load_backbone, load_into, read_checkpoint
+from dinokit.checkpoint.foreign import is_foreign_folder, not_a_backbone_folder, read_foreign_folder
+from dinokit.checkpoint.loading import CheckpointError, backbone_state_dict, load_into, read_checkpoint, with_mask_token
 from dinokit.models.builders import OFFICIAL_ARCHS, build_official
 from dinokit.models.vision_transformer import VisionTransformer
 
@@ -44,6 +48,13 @@ def resolve_backbone(spec: str | Path, arch: str | None = None, random_init: boo
         random_init: for a run folder, keep the architecture but skip the weights (baseline).
     """
     path = Path(spec)
+    if path.is_dir() and not (path / "config.yaml").is_file() and is_foreign_folder(path):
+        foreign = read_foreign_folder(path)
+        model = foreign.args.build()
+        if random_init:
+            return ResolvedBackbone(model.eval(), f"{path} architecture (random initialisation)", foreign.image_size or 224)
+        load_into(model, with_mask_token(model, foreign.state), source=f"{path} ({foreign.library})")
+        return ResolvedBackbone(model.eval(), f"{path} ({foreign.library})", foreign.image_size or 224)
     if path.is_dir():
         return _from_run(path, random_init)
     if path.is_file():
@@ -51,13 +62,15 @@ def resolve_backbone(spec: str | Path, arch: str | None = None, random_init: boo
         if name not in OFFICIAL_ARCHS:
             raise CheckpointError(f"unknown --arch {name!r}; known: {', '.join(OFFICIAL_ARCHS)}")
         model = build_official(name)
-        load_backbone(model, path)
+        state = with_mask_token(model, backbone_state_dict(read_checkpoint(path)))
+        _fit_grid(model, state)
+        load_into(model, state, source=str(path))
         return ResolvedBackbone(model.eval(), f"{path} ({name})", 224)
     if str(spec) in OFFICIAL_ARCHS:
         model = build_official(str(spec))
         return ResolvedBackbone(model.eval(), f"{spec} (random initialisation)", 224)
     raise CheckpointError(
-        f"{spec} is neither a run folder, a checkpoint file nor an architecture name "
+        f"{spec} is neither a run folder, a transformers / timm folder, a checkpoint file nor an architecture name "
         f"({', '.join(OFFICIAL_ARCHS)})"
     )
 
@@ -67,7 +80,7 @@ def _from_run(run_dir: Path, random_init: bool) -> ResolvedBackbone:
 
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
-        raise CheckpointError(f"{run_dir} is not a dinokit run folder: config.yaml is missing")
+        raise not_a_backbone_folder(run_dir)
     cfg = load_config_file(config_path)
     if cfg.distill.teacher:
         names = ", ".join(sorted(p.name for p in (run_dir / "students").iterdir())) if (run_dir / "students").is_dir() else ""
@@ -82,12 +95,22 @@ def _from_run(run_dir: Path, random_init: bool) -> ResolvedBackbone:
         if not weights.is_file():
             raise CheckpointError(f"{weights} does not exist: the run has not written a checkpoint yet")
         state = backbone_state_dict(read_checkpoint(weights))
-        if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
-            # Written after a resolution switch (highres): the grid of that phase.
-            grid = math.isqrt(state["pos_embed"].shape[1] - 1)
-            model.resize_pos_embed_(grid * model.patch_size)
-            if cfg.highres.global_size == grid * model.patch_size:
-                image_size = cfg.highres.global_size
+        grid = _fit_grid(model, state)  # written after a resolution switch (highres): that phase's grid
+        if grid is not None and cfg.highres.global_size == grid * model.patch_size:
+            image_size = cfg.highres.global_size
         load_into(model, state, source=str(weights))  # the tensors read above, not the file again
         source = str(weights)
     return ResolvedBackbone(model.eval(), source, image_size)
+
+
+def _fit_grid(model: VisionTransformer, state: dict) -> int | None:
+    """Give `model` the positional grid stored in `state` when it differs (another training size
+    than the architecture's default); returns that grid's side, or None when it already fits."""
+    pos = state.get("pos_embed")
+    if pos is None or pos.shape == model.pos_embed.shape or pos.dim() != 3 or pos.shape[-1] != model.embed_dim:
+        return None  # a wrong width is left for load_into to name
+    grid = math.isqrt(pos.shape[1] - 1)
+    if grid * grid != pos.shape[1] - 1:
+        return None
+    model.resize_pos_embed_(grid * model.patch_size)
+    return grid

@@ -6,8 +6,8 @@
   (the EMA teacher's backbone) and the teacher's heads from the newest checkpoint (single-file or
   sharded);
 - an official DINOv2 training checkpoint (`{"model": {"teacher": ...}}`, chunked blocks, heads);
-- an official hub backbone (`dinov2_vits14_pretrain.pth`), a DINO v1 checkpoint, or any
-  safetensors backbone: no heads.
+- an official hub backbone (`dinov2_vits14_pretrain.pth`), a DINO v1 checkpoint, any
+  safetensors backbone, a transformers or timm DINOv2 folder or state dict: no heads.
 
 Nothing executes code from a file (see `dinokit.checkpoint.loading`). Head sizes are read off the
 tensors' shapes, so heads of any size load into a `DINOHead` built from `head_config`.
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from dinokit.checkpoint.foreign import is_foreign_folder, not_a_backbone_folder, read_foreign_folder
 from dinokit.checkpoint.loading import (
     CheckpointError,
     backbone_state_dict,
@@ -68,6 +69,8 @@ class TrainedWeights:
 def read_weights(spec: str | Path) -> TrainedWeights:
     """The backbone (and heads) of a run folder or checkpoint file; CheckpointError says why not."""
     path = Path(spec)
+    if path.is_dir() and not (path / "config.yaml").is_file() and is_foreign_folder(path):
+        return TrainedWeights(path, read_foreign_folder(path).state)
     if path.is_dir():
         return _from_run(path)
     if not path.is_file():
@@ -84,7 +87,7 @@ def _from_run(run_dir: Path) -> TrainedWeights:
     config = run_dir / "config.yaml"
     weights = run_dir / "teacher_backbone.safetensors"
     if not config.is_file():
-        raise CheckpointError(f"{run_dir} is not a dinokit run folder: config.yaml is missing")
+        raise not_a_backbone_folder(run_dir)
     if (run_dir / "students").is_dir() and not weights.is_file():
         names = ", ".join(sorted(p.name for p in (run_dir / "students").iterdir()))
         raise CheckpointError(f"{run_dir} is a distillation run: name one of its students, "

@@ -1,13 +1,21 @@
 """Weights of a dinokit / official DINOv2 backbone in other libraries' layouts.
 
-- `dinokit.export.timm`: timm `VisionTransformer` (`vit_small_patch14_dinov2` & co.).
-- `dinokit.export.hf`: Hugging Face transformers `Dinov2Model` / `Dinov2WithRegistersModel`.
+- `dinokit.export.timm`: timm `VisionTransformer` (`vit_small_patch14_dinov2` & co.), both ways.
+- `dinokit.export.hf`: Hugging Face transformers `Dinov2Model` / `Dinov2WithRegistersModel`,
+  both ways.
+- `dinokit.export.onnx`: an ONNX graph with dynamic batch, height and width.
+- `dinokit.export.command`: `dinokit export`, which writes one of them and checks its outputs.
 
-Both take a state dict with the official key names (what `VisionTransformer.state_dict()` and
-the hub `.pth` files hold) and need the peer library only to build the target model. The
-positional embedding can be resampled for one image size first (`state_dict_for_size`), with
-the official interpolation rule: the peers resample with a plain output size, which differs
-from DINOv2's `+0.1` offset, so baking the size in is what makes their outputs equal ours.
+The converters take a state dict with the official key names (what `VisionTransformer.state_dict()`
+and the hub `.pth` files hold) and need the peer library only to build the target model.
+
+Positional resampling: at the stored grid every peer computes what we compute. At other sizes
+each library resizes the grid its own way: transformers' `Dinov2Model` by output size without
+antialias, `Dinov2WithRegistersModel` and timm by output size with antialias, the official
+DINOv2 models (and dinokit's default) by `scale_factor = (h/p + 0.1) / M` without antialias. A
+peer whose rule is not the model's gives slightly different tokens there (`peer_resampling`
+says which rule a peer uses). `state_dict_for_size` bakes one size in with the model's rule, so
+that a peer built for that size needs no resampling and matches exactly.
 """
 
 from __future__ import annotations
@@ -18,11 +26,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dinokit.models.builders import ViTArgs
 from dinokit.models.layers.layer_scale import LayerScale
-from dinokit.models.layers.mlp import Mlp
+from dinokit.models.layers.mlp import Mlp, swiglu_hidden_features
 from dinokit.models.vision_transformer import VisionTransformer
 
-__all__ = ["BackboneArch", "backbone_arch", "state_dict_for_size", "stored_img_size"]
+__all__ = ["BackboneArch", "Resampling", "backbone_arch", "model_resampling", "state_dict_for_size",
+           "stored_img_size", "vit_args_of"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,45 @@ def backbone_arch(model: VisionTransformer) -> BackboneArch:
         layerscale=isinstance(block.ls1, LayerScale),
         num_register_tokens=model.num_register_tokens,
         mask_token=model.mask_token is not None,
+    )
+
+
+@dataclass(frozen=True)
+class Resampling:
+    """How a positional grid is resized for another input size (see the module docstring)."""
+
+    offset: float
+    antialias: bool
+
+
+def model_resampling(model: VisionTransformer) -> Resampling:
+    return Resampling(float(model.interpolate_offset), bool(model.interpolate_antialias))
+
+
+def vit_args_of(model: VisionTransformer) -> ViTArgs:
+    """The `ViTArgs` that rebuild `model`'s architecture (its stored grid size included)."""
+    arch = backbone_arch(model)
+    if arch.swiglu:
+        ratio = 4.0  # DINOv2's SwiGLU width rule from a 4x MLP, the only one the builders use
+        if swiglu_hidden_features(int(arch.embed_dim * ratio)) != arch.mlp_hidden:
+            raise ValueError(f"SwiGLU width {arch.mlp_hidden} is not DINOv2's rule for mlp_ratio 4")
+    else:
+        exact = arch.mlp_hidden / arch.embed_dim
+        ratio = exact if int(arch.embed_dim * exact) == arch.mlp_hidden else (arch.mlp_hidden + 0.5) / arch.embed_dim
+    return ViTArgs(
+        img_size=stored_img_size(model),
+        patch_size=arch.patch_size,
+        in_chans=arch.in_chans,
+        embed_dim=arch.embed_dim,
+        depth=arch.depth,
+        num_heads=arch.num_heads,
+        mlp_ratio=ratio,
+        init_values=1.0 if arch.layerscale else None,
+        ffn_layer="swiglufused" if arch.swiglu else "mlp",
+        num_register_tokens=arch.num_register_tokens,
+        interpolate_antialias=bool(model.interpolate_antialias),
+        interpolate_offset=float(model.interpolate_offset),
+        use_mask_token=arch.mask_token,
     )
 
 

@@ -17,12 +17,20 @@ hub-checkpoint names in brackets):
 
 `Dinov2Model(pixel_values).last_hidden_state` is then [CLS, registers, patches] after the final
 norm, i.e. `x_norm_clstoken`, `x_norm_regtokens`, `x_norm_patchtokens` concatenated.
+
+The other way, `from_hf_state_dict` maps both name sets back, and `vit_args_from_hf_config`
+reads the architecture off a `config.json` (no transformers needed, no code run). A folder that
+`write_hf_folder` made also holds the dinokit architecture (`dinokit_vit_args`), so it comes back
+exactly, resampling rule included; any other folder resamples positions as transformers does.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
+from dataclasses import asdict, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,13 +38,20 @@ from torch import Tensor, nn
 
 from dinokit.export import (
     BackboneArch,
+    Resampling,
     backbone_arch,
     state_dict_for_size,
     stored_img_size,
+    vit_args_of,
 )
+from dinokit.models.builders import ViTArgs
 from dinokit.models.vision_transformer import VisionTransformer
 
-__all__ = ["hf_config", "to_hf", "to_hf_state_dict"]
+__all__ = ["from_hf_state_dict", "hf_config", "hf_resampling", "is_hf_folder", "to_hf", "to_hf_state_dict",
+           "vit_args_from_hf_config", "write_hf_folder"]
+
+MODEL_TYPES = ("dinov2", "dinov2_with_registers")
+VIT_ARGS_KEY = "dinokit_vit_args"
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _TOP = {
@@ -161,3 +176,125 @@ def to_hf(model: VisionTransformer, image_size: int | None = None) -> nn.Module:
         state["embeddings.mask_token"] = torch.zeros_like(expected["embeddings.mask_token"])  # unused in inference
     peer.load_state_dict(state, strict=True)
     return peer.eval()
+
+
+def hf_resampling(num_register_tokens: int) -> Resampling:
+    """transformers' rule: by output size; antialiased in the model with registers."""
+    return Resampling(0.0, num_register_tokens > 0)
+
+
+def write_hf_folder(model: VisionTransformer, out: Path, image_size: int, resize: int,
+                    mean: tuple[float, ...], std: tuple[float, ...]) -> nn.Module:
+    """`config.json`, `model.safetensors` and `preprocessor_config.json` in `out`; the model built."""
+    peer = to_hf(model)
+    peer.config.update({VIT_ARGS_KEY: asdict(vit_args_of(model))})
+    peer.save_pretrained(str(out), safe_serialization=True)
+    processor = {
+        "image_processor_type": "BitImageProcessor",
+        "do_resize": True, "size": {"shortest_edge": resize}, "resample": 3,  # bicubic
+        "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
+        "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": list(mean), "image_std": list(std),
+        "do_convert_rgb": True,
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    return peer
+
+
+def is_hf_folder(folder: Path) -> bool:
+    """A folder with a transformers DINOv2 `config.json`."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("model_type") in MODEL_TYPES
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def vit_args_from_hf_config(config: Mapping[str, Any], where: str = "config.json") -> ViTArgs:
+    """The architecture a transformers DINOv2 `config.json` describes (ValueError says what is off)."""
+    if VIT_ARGS_KEY in config:
+        known = {f.name for f in fields(ViTArgs)}
+        return ViTArgs(**{k: v for k, v in config[VIT_ARGS_KEY].items() if k in known})
+    if config.get("model_type") not in MODEL_TYPES:
+        raise ValueError(f"{where}: model_type {config.get('model_type')!r} is not one of {MODEL_TYPES}")
+    if config.get("hidden_act", "gelu") != "gelu" or not config.get("qkv_bias", True):
+        raise ValueError(f"{where}: hidden_act {config.get('hidden_act')!r} / qkv_bias {config.get('qkv_bias')} "
+                         "are not DINOv2's (gelu, True)")
+    registers = int(config.get("num_register_tokens", 0)) if config["model_type"] == MODEL_TYPES[1] else 0
+    rule = hf_resampling(registers)
+    try:
+        return ViTArgs(
+            img_size=int(config["image_size"]),
+            patch_size=int(config["patch_size"]),
+            in_chans=int(config.get("num_channels", 3)),
+            embed_dim=int(config["hidden_size"]),
+            depth=int(config["num_hidden_layers"]),
+            num_heads=int(config["num_attention_heads"]),
+            mlp_ratio=float(config.get("mlp_ratio", 4)),
+            init_values=1.0,  # transformers always has the LayerScale
+            ffn_layer="swiglufused" if config.get("use_swiglu_ffn") else "mlp",
+            num_register_tokens=registers,
+            interpolate_antialias=rule.antialias,
+            interpolate_offset=rule.offset,
+            use_mask_token=True,
+        )
+    except KeyError as exc:
+        raise ValueError(f"{where}: no {exc.args[0]!r} entry") from exc
+
+
+_TOP_BACK = {v: k for k, v in _TOP.items()}
+_HF_BLOCK = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
+# transformers name (either generation) -> (official module, which part of a fused matrix)
+_PARTS = {
+    "attention.q_proj": ("attn.qkv", 0), "attention.k_proj": ("attn.qkv", 1), "attention.v_proj": ("attn.qkv", 2),
+    "attention.attention.query": ("attn.qkv", 0), "attention.attention.key": ("attn.qkv", 1),
+    "attention.attention.value": ("attn.qkv", 2),
+    "mlp.gate_proj": ("mlp.w12", 0), "mlp.up_proj": ("mlp.w12", 1), "mlp.weights_in": ("mlp.w12", 0),
+}
+_RENAMED = {"attention.o_proj": "attn.proj", "attention.output.dense": "attn.proj",
+            "mlp.down_proj": "mlp.w3", "mlp.weights_out": "mlp.w3"}
+
+
+def is_hf_state_dict(state_dict: Mapping[str, Tensor]) -> bool:
+    return any(k.startswith(("embeddings.", "dinov2.embeddings.")) for k in state_dict)
+
+
+def from_hf_state_dict(state_dict: Mapping[str, Tensor], layerscale: bool = True) -> dict[str, Tensor]:
+    """transformers Dinov2 keys (both generations; a `dinov2.` prefix is dropped) -> official keys.
+
+    Keys that are not part of a DINOv2 backbone are passed through unchanged, so that loading
+    names them. `layerscale=False` (DINO v1) drops the LayerScale factors, which must be ones.
+    """
+    out: dict[str, Tensor] = {}
+    fused: dict[tuple[int, str, str], dict[int, Tensor]] = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("dinov2.")
+        if key in _TOP_BACK:
+            out[_TOP_BACK[key]] = value
+            continue
+        match = _HF_BLOCK.match(key)
+        if match is None:
+            out[key] = value
+            continue
+        i, rest = int(match.group(1)), match.group(2)
+        module, _, param = rest.rpartition(".")
+        prefix = f"blocks.{i}."
+        if module in _SAME_IN_BLOCK:
+            out[prefix + rest] = value
+        elif module in ("layer_scale1", "layer_scale2") and param == "lambda1":
+            if layerscale:
+                out[f"{prefix}ls{module[-1]}.gamma"] = value
+            elif not torch.equal(value, torch.ones_like(value)):
+                raise ValueError(f"{key}: a model without LayerScale needs factors of 1")
+        elif module in _PARTS:
+            target, index = _PARTS[module]
+            fused.setdefault((i, target, param), {})[index] = value
+        elif module in _RENAMED:
+            out[f"{prefix}{_RENAMED[module]}.{param}"] = value
+        else:
+            out[key] = value
+    for (i, target, param), parts in fused.items():
+        out[f"blocks.{i}.{target}.{param}"] = torch.cat([parts[j] for j in sorted(parts)])
+    return out

@@ -15,7 +15,7 @@ import logging
 
 from torch import Tensor, nn
 
-from dinokit.checkpoint.loading import CheckpointError, describe_mismatch, load_into
+from dinokit.checkpoint.loading import CheckpointError, describe_mismatch, load_into, with_mask_token
 from dinokit.checkpoint.sources import read_weights
 from dinokit.config import InitConfig
 from dinokit.models.vision_transformer import VisionTransformer, resize_pos_embed
@@ -44,7 +44,7 @@ def load_initial_weights(networks: list[nn.ModuleDict], init: InitConfig) -> lis
     source = str(weights.source)
     first = networks[0]["backbone"]
     assert isinstance(first, VisionTransformer)
-    plan: dict[str, dict[str, Tensor]] = {"backbone": fit_pos_embed(weights.backbone, first, source)}
+    plan: dict[str, dict[str, Tensor]] = {"backbone": fit_pos_embed(with_mask_token(first, weights.backbone), first, source)}
     if init.heads:
         plan.update({name: sd for name, sd in weights.heads.items() if name in networks[0]})
     # Check every part against the first network before loading any, so nothing is half-loaded.
