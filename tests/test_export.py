@@ -245,3 +245,25 @@ def test_a_file_of_another_model_names_its_keys_and_loads_nothing(tmp_path: Path
     (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(CheckpointError, match="config.json holds model_type 'bert', not a transformers DINOv2"):
         resolve_backbone(folder)
+
+
+# ------------------------------------------------------------------ torch.hub
+
+
+def test_torch_hub_loads_official_names_and_run_folders(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hubconf", repo / "hubconf.py")
+    hubconf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hubconf)
+    assert all(callable(getattr(hubconf, name)) for name in ("dinov2_vits14", "dinov2_vitg14_reg", "dino_vitb8", "from_run"))
+    run, model = _run_folder(tmp_path)
+    loaded = torch.hub.load(str(repo), "from_run", source="local", run=str(run))
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    official = random_model(replace(vit_args_of(torch.hub.load(str(repo), "dinov2_vits14_reg", source="local")),
+                                    img_size=56, depth=2))
+    file = _save(official, tmp_path / "s14reg.safetensors")
+    with pytest.raises(CheckpointError, match="missing keys: blocks.2"):  # the named architecture is enforced
+        torch.hub.load(str(repo), "dinov2_vits14_reg", source="local", weights=str(file))
