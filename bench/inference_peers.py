@@ -1,13 +1,17 @@
-"""Backbone inference: dinokit against timm and Hugging Face transformers at identical weights (JSON out).
+"""Backbone inference: dinokit against timm, Hugging Face transformers and ONNX Runtime at identical
+weights (JSON out).
 
     .venv/bin/python bench/inference_peers.py --out bench/results/inference_peers.json
     .venv/bin/python bench/inference_peers.py --rounds 2 --iters 1      # a quick look
 
 One ViT-S/14 (`dinov2_vits14` architecture; random weights, or `--weights` for a real checkpoint)
 is converted with `dinokit.export` to timm's registered `vit_small_patch14_dinov2` (built with
-`timm.create_model`) and to transformers' `Dinov2Model`, at the benchmark's image size. Before
-any timing the fp32 outputs (all tokens after the final norm) must agree with dinokit's within
-`--tol` (default 1e-5); the largest differences, fp32 and bf16, go into the JSON.
+`timm.create_model`), to transformers' `Dinov2Model`, at the benchmark's image size, and to the
+ONNX graph of `dinokit export --to onnx` run by onnxruntime's CPU execution provider (as many
+intra-op threads as torch uses; fp32 only, so it is absent from the bf16 rows). Before any
+timing the fp32 outputs (all tokens after the final norm) must agree with dinokit's within
+`--tol` (default 1e-5; onnxruntime, whose kernels sum in another order: `--onnx-tol`, 1e-4); the
+largest differences, fp32 and bf16, go into the JSON.
 
 Timing: batches of `--batch` images at `--size` px under `torch.inference_mode()`, fp32 and bf16
 autocast, in alternating rounds (the order rotates each round) of `--iters` batches per framework,
@@ -19,8 +23,10 @@ dinokit to the fastest peer. `--compile` adds every framework again under `torch
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -38,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import emit, machine_info  # bench/ is on sys.path when a script runs
 
 
-def build_peers(weights: Path | None, size: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """dinokit, timm and transformers forward functions returning (B, 1 + N, D) normed tokens."""
+def build_peers(weights: Path | None, size: int, work: Path) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """dinokit, timm, transformers and onnxruntime forward functions returning (B, 1 + N, D) normed tokens."""
     import timm
 
     torch.manual_seed(0)
@@ -61,7 +67,26 @@ def build_peers(weights: Path | None, size: int) -> dict[str, Callable[[torch.Te
         "dinokit": dinokit_fn,
         "timm": theirs.forward_features,
         "hf_transformers": lambda x: hf(pixel_values=x).last_hidden_state,
+        "onnxruntime": onnx_peer(ours, size, work),
     }
+
+
+def onnx_peer(model: torch.nn.Module, size: int, work: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    import onnxruntime
+
+    from dinokit.export.onnx import export_onnx
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    path = export_onnx(model, work / "model.onnx", size)
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        cls_token, patch_tokens = session.run(None, {"images": x.numpy()})
+        return torch.cat([torch.from_numpy(cls_token)[:, None], torch.from_numpy(patch_tokens)], 1)
+
+    return run
 
 
 def max_differences(fns: dict[str, Callable], x: torch.Tensor, bf16: bool) -> dict[str, float]:
@@ -90,6 +115,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--iters", type=int, default=3, help="timed batches per framework and round")
     parser.add_argument("--tol", type=float, default=1e-5, help="largest fp32 output difference allowed")
+    parser.add_argument("--onnx-tol", type=float, default=1e-4, help="the same for onnxruntime")
     parser.add_argument("--weights", type=Path, default=None, help="a DINOv2 ViT-S/14 checkpoint (default: random)")
     parser.add_argument("--compile", action="store_true",
                         help="also time each framework under torch.compile (inductor, frozen weights)")
@@ -99,24 +125,26 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    fns = build_peers(args.weights, args.size)
+    work = Path(tempfile.mkdtemp(prefix="inference_peers_"))
+    fns = build_peers(args.weights, args.size, work)
     if args.compile:
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True  # constant weights: inductor may prepack them for oneDNN
-        fns.update({f"{n}_compiled": torch.compile(fn) for n, fn in list(fns.items())})
+        fns.update({f"{n}_compiled": torch.compile(fn) for n, fn in list(fns.items()) if n != "onnxruntime"})
     x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
-    diffs = {"fp32": max_differences(fns, x, bf16=False), "bf16": max_differences(fns, x, bf16=True)}
-    bad = {k: v for k, v in diffs["fp32"].items() if not v <= args.tol}
+    torch_fns = {n: fn for n, fn in fns.items() if n != "onnxruntime"}
+    diffs = {"fp32": max_differences(fns, x, bf16=False), "bf16": max_differences(torch_fns, x, bf16=True)}
+    bad = {k: v for k, v in diffs["fp32"].items() if not v <= (args.onnx_tol if k == "onnxruntime" else args.tol)}
     if bad:
         print(f"outputs differ from dinokit's by more than {args.tol}: {bad}; not timing", file=sys.stderr)
         return 1
 
     results: dict[str, Any] = {}
-    names = list(fns)
     for precision in args.precisions:
         bf16 = precision == "bf16"
-        for fn in fns.values():  # warm-up: first-call allocations and kernel selection
+        names = list(torch_fns if bf16 else fns)  # onnxruntime runs the fp32 graph only
+        for fn in (fns[n] for n in names):  # warm-up: first-call allocations and kernel selection
             time_round(fn, x, 1, bf16)
         times: dict[str, list[float]] = {n: [] for n in names}
         for r in range(args.rounds):
@@ -142,6 +170,7 @@ def main() -> int:
         "results": results,
     }
     emit(report, args.out)
+    shutil.rmtree(work)  # the temporary folder made above, nothing the user named
     return 0
 
 
