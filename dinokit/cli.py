@@ -139,13 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", type=Path, required=True, help="run folder (created, or resumed if it exists)")
     tr.add_argument("--init", default=None, metavar="BACKBONE",
                     help="start from these weights: a run folder, an official hub or training checkpoint, "
-                         "a safetensors file (sets init.backbone)")
+                         "a safetensors file, a transformers or timm folder (sets init.backbone)")
     tr.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=300")
     tr.set_defaults(func=_train)
 
     di = sub.add_parser("distill", help="distill a frozen teacher into one or several students (resumes an existing --out)")
     di.add_argument("data", help="image folder, file list, or Fashion-MNIST folder (with data.dataset=...)")
-    di.add_argument("--teacher", required=True, help="run folder, or official / dinokit checkpoint file")
+    di.add_argument("--teacher", required=True,
+                    help="run folder, transformers / timm folder, or official / dinokit checkpoint file")
     di.add_argument("--teacher-arch", default=None, help="official architecture of a teacher file (default: from its name)")
     di.add_argument("--student", action="append", metavar="ARCH",
                     help="[SIZE][,key=value...] over the preset's model section, e.g. vit_small or depth=4; "

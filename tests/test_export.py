@@ -267,3 +267,23 @@ def test_torch_hub_loads_official_names_and_run_folders(tmp_path: Path) -> None:
     file = _save(official, tmp_path / "s14reg.safetensors")
     with pytest.raises(CheckpointError, match="missing keys: blocks.2"):  # the named architecture is enforced
         torch.hub.load(str(repo), "dinov2_vits14_reg", source="local", weights=str(file))
+
+
+def test_training_commands_take_library_folders_as_weights(tmp_path: Path) -> None:
+    """`train --init` and `distill --teacher` read a transformers / timm folder's architecture and weights."""
+    require("transformers")
+    from dinokit.checkpoint.sources import read_weights
+    from dinokit.config import vit_args_from_config as args_of_section
+    from dinokit.train.distill import teacher_model_config
+
+    run, model = _run_folder(tmp_path)
+    for target in ("hf", "timm"):
+        require({"hf": "transformers", "timm": "timm"}[target])
+        out = tmp_path / target
+        assert export_backbone(run, target, out).passed
+        weights = read_weights(out)
+        assert weights.heads == {}  # the libraries keep no DINO heads
+        for key, value in model.state_dict().items():
+            assert torch.equal(weights.backbone[key], value), key
+        cfg = load_config("tiny", [f"distill.teacher={out}", "distill.students=[depth=2]"])
+        assert args_of_section(teacher_model_config(cfg)) == vit_args_of(model)

@@ -21,7 +21,7 @@ from dinokit.export.hf import from_hf_state_dict, is_hf_folder, vit_args_from_hf
 from dinokit.export.timm import from_timm_state_dict, is_timm_folder, vit_args_from_timm_config
 from dinokit.models.builders import ViTArgs
 
-__all__ = ["ForeignBackbone", "is_foreign_folder", "not_a_backbone_folder", "read_foreign_folder"]
+__all__ = ["ForeignBackbone", "foreign_architecture", "is_foreign_folder", "not_a_backbone_folder", "read_foreign_folder"]
 
 
 @dataclass
@@ -55,19 +55,23 @@ def not_a_backbone_folder(folder: Path) -> CheckpointError:
                            "nor a transformers or timm folder (config.json is missing)")
 
 
-def read_foreign_folder(folder: Path) -> ForeignBackbone:
-    """The backbone of a transformers or timm folder; CheckpointError names what is wrong."""
+def foreign_architecture(folder: Path) -> tuple[ViTArgs, str, dict]:
+    """The architecture a transformers or timm folder's `config.json` states, the library, the config."""
     config_path = folder / "config.json"
     try:
         config = json.loads(config_path.read_text())
         if is_hf_folder(folder):
-            args, library = vit_args_from_hf_config(config, str(config_path)), "transformers"
-        elif is_timm_folder(folder):
-            args, library = vit_args_from_timm_config(config, str(config_path)), "timm"
-        else:
-            raise CheckpointError(f"{folder}: config.json is neither a transformers nor a timm DINOv2 config")
+            return vit_args_from_hf_config(config, str(config_path)), "transformers", config
+        if is_timm_folder(folder):
+            return vit_args_from_timm_config(config, str(config_path)), "timm", config
     except ValueError as exc:  # JSON errors included
         raise CheckpointError(f"{config_path}: {exc}") from exc
+    raise not_a_backbone_folder(folder)
+
+
+def read_foreign_folder(folder: Path) -> ForeignBackbone:
+    """The backbone of a transformers or timm folder; CheckpointError names what is wrong."""
+    args, library, config = foreign_architecture(folder)
     raw = _folder_weights(folder)
     if library == "transformers":
         state = from_hf_state_dict(raw, layerscale=args.init_values is not None)

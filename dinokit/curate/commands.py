@@ -110,7 +110,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
     emb = sub.add_parser("embed", help="L2-normalised float16 embeddings of an image pool (resumable shards; "
                          "under torchrun each rank embeds every WORLD_SIZE-th shard)")
-    emb.add_argument("backbone", help="run folder, checkpoint file (+ --arch), architecture name, or pixels[:SIZE]")
+    emb.add_argument("backbone", help="run folder, transformers / timm folder, checkpoint file (+ --arch), architecture name, or pixels[:SIZE]")
     emb.add_argument("--data", required=True, help="image folder, .txt file list, or fashion_mnist[:root]")
     emb.add_argument("--split", default="train", help="train / test (Fashion-MNIST)")
     emb.add_argument("--out", type=Path, required=True, help="embeddings folder (a re-run resumes it)")

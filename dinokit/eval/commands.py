@@ -239,7 +239,7 @@ def format_result(result: dict[str, Any]) -> str:
 
 
 def _add_embed_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("backbone", help="run folder, checkpoint file (+ --arch), architecture name, or pixels[:SIZE]")
+    p.add_argument("backbone", help="run folder, transformers / timm folder, checkpoint file (+ --arch), architecture name, or pixels[:SIZE]")
     p.add_argument("--arch", default=None, help="architecture of a checkpoint file (default dinov2_vits14)")
     p.add_argument("--random-init", action="store_true", help="run folder: its architecture, random weights")
     p.add_argument("--n-last-blocks", type=int, default=4, help="n of the cls_lastN feature kinds")

@@ -24,7 +24,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from dinokit.checkpoint.loading import CheckpointError, load_into
+from dinokit.checkpoint.foreign import foreign_architecture
+from dinokit.checkpoint.loading import CheckpointError, load_into, with_mask_token
 from dinokit.checkpoint.sources import TrainedWeights, read_weights
 from dinokit.config import (
     Config,
@@ -39,7 +40,7 @@ from dinokit.config import (
     vit_args_from_config,
 )
 from dinokit.losses import DINOLoss, iBOTPatchLoss
-from dinokit.models.builders import OFFICIAL_ARCHS, VIT_SIZES
+from dinokit.models.builders import OFFICIAL_ARCHS, VIT_SIZES, ViTArgs
 from dinokit.models.vision_transformer import VisionTransformer
 from dinokit.train.init_weights import fit_pos_embed
 from dinokit.train.ssl_model import LossArgs, SSLModel, build_head, teacher_targets
@@ -168,15 +169,19 @@ def teacher_model_config(cfg: Config) -> ModelConfig:
     (`distill.teacher_arch`, or the one a file name starts with, longest match first)."""
     path = Path(cfg.distill.teacher)
     if path.is_dir():
-        if not (path / "config.yaml").is_file():
-            raise CheckpointError(f"distill.teacher {path} is not a dinokit run folder: config.yaml is missing")
-        return load_config_file(path / "config.yaml").model
+        if (path / "config.yaml").is_file():
+            return load_config_file(path / "config.yaml").model
+        return model_config_of(foreign_architecture(path)[0])  # a transformers / timm folder
     arch = cfg.distill.teacher_arch or next(
         (name for name in sorted(OFFICIAL_ARCHS, key=len, reverse=True) if path.name.startswith(name)), "")
     if arch not in OFFICIAL_ARCHS:
         raise ConfigError(f"distill.teacher_arch: {arch or 'not set'}; name the architecture of {path.name} "
                           f"({', '.join(OFFICIAL_ARCHS)}) with --teacher-arch")
-    a = OFFICIAL_ARCHS[arch]
+    return model_config_of(OFFICIAL_ARCHS[arch])
+
+
+def model_config_of(a: ViTArgs) -> ModelConfig:
+    """The `model` config section that builds the architecture `a`."""
     size = next((k for k, v in VIT_SIZES.items() if v == (a.embed_dim, a.depth, a.num_heads)), "vit_small")
     return ModelConfig(
         arch=size, patch_size=a.patch_size, img_size=a.img_size, in_chans=a.in_chans, embed_dim=a.embed_dim,
@@ -216,7 +221,7 @@ def build_distill_model(cfg: Config, run_dir: Path | None, teacher: TrainedWeigh
     source = str(weights.source)
     tmodel = teacher_model_config(cfg)
     backbone = vit_args_from_config(tmodel).build()
-    load_into(backbone, fit_pos_embed(weights.backbone, backbone, source), source=f"distill.teacher {source}")
+    load_into(backbone, fit_pos_embed(with_mask_token(backbone, weights.backbone), backbone, source), source=f"distill.teacher {source}")
     teacher = nn.ModuleDict({"backbone": backbone})
     for name, state in weights.heads.items():
         teacher[name] = _head(weights.head_shape(name), cfg.head, backbone.embed_dim)

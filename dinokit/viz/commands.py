@@ -104,7 +104,7 @@ def _guarded(func: Any) -> Any:
 
 
 def _backbone_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("backbone", help="run folder, checkpoint file (with --arch) or architecture name")
+    parser.add_argument("backbone", help="run folder, transformers / timm folder, checkpoint file (with --arch) or architecture name")
     parser.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
     parser.add_argument("--arch", default=None, choices=sorted(OFFICIAL_ARCHS),
                         help="architecture of a checkpoint file")
