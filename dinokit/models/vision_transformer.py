@@ -111,8 +111,8 @@ class VisionTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim)) if use_mask_token else None
-        # Off by default: on CPU packing measured slower than separate forwards
-        # (bench/results/packing_cpu.json); training turns it on for CUDA (`train.packing`).
+        # Off by default: on CPU packing measured slower than separate forwards (bench/results/
+        # packing_cpu_tiny.json, packing_cpu_vits14.json); training turns it on for CUDA (`train.packing`).
         self.packing = False
         self.activation_checkpointing = False
         self.init_weights()

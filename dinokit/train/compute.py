@@ -23,8 +23,9 @@ M = TypeVar("M", "SSLModel", "DistillModel")
 
 def packing_enabled(train: TrainConfig) -> bool:
     """`train.packing` resolved: `auto` is on for CUDA and off elsewhere. On CPU, packing measured
-    slower than separate forwards (bench/results/packing_cpu.json: the per-token ops run on
-    larger matrices, which this CPU's caches and allocator handle worse), so it stays off."""
+    slower than separate forwards (bench/results/packing_cpu_tiny.json and packing_cpu_vits14.json:
+    the per-token ops run on larger matrices, which the CPU's caches and allocator handle worse),
+    so it stays off."""
     if train.packing == "auto":
         return train.device.startswith("cuda") or (train.device == "auto" and _cuda_available())
     return bool(train.packing)
