@@ -5,10 +5,10 @@
 # planted copies vs nearest distinct neighbours (how to calibrate a threshold), and the recall /
 # precision of the planted duplicates at several thresholds.
 #   bash scripts/curate_demo.sh [OUT] [BACKBONE]
-# OUT: default outputs/curate_demo. BACKBONE: anything `dinokit curate embed` takes; default the
-# run folder of `dinokit quickstart` (runs/quickstart/run, a self-supervised tiny ViT trained on
-# Fashion-MNIST) when it exists, else raw pixels (pixels:28, no weights needed). A few minutes on
-# 2 cores.
+# OUT: default outputs/curate_demo; new or empty (a folder holding files is refused). BACKBONE:
+# anything `dinokit curate embed` takes; default the run folder of `dinokit quickstart`
+# (runs/quickstart/run, a self-supervised tiny ViT trained on Fashion-MNIST) when it exists, else
+# raw pixels (pixels:28, no weights needed). A few minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-outputs/curate_demo}
@@ -18,7 +18,11 @@ if [ -z "$BACKBONE" ]; then
 fi
 PY=".venv/bin/python"
 DK=".venv/bin/dinokit"
-rm -rf "$OUT"
+# Never delete what the caller named: a folder that holds anything is refused.
+if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT" 2>/dev/null || echo file)" ]; then
+  echo "error: $OUT exists and is not an empty folder; name a new one" >&2
+  exit 2
+fi
 mkdir -p "$OUT"
 
 $PY - "$OUT" <<'EOF'

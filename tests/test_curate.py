@@ -390,3 +390,16 @@ def test_fashion_mnist_planted_copies_are_found(tmp_path: Path) -> None:
     assert comp is not None
     linked = [comp[pos[c]] == comp[o] for c, o in truth.items()]
     assert all(linked)  # every planted copy is in its original's component
+
+
+def test_curate_demo_refuses_a_folder_that_holds_files(tmp_path: Path) -> None:
+    """The demo script never deletes the folder it is given (it once ran `rm -rf "$OUT"`)."""
+    import subprocess
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "curate_demo.sh"
+    proc = subprocess.run(["bash", str(script), str(out), "pixels:28"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and "not an empty folder" in proc.stderr
+    assert (out / "notes.txt").read_text() == "keep"
