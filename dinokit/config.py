@@ -726,7 +726,13 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     need(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", tr.device) is not None,
          f"train.device must be auto, cpu, mps, cuda or cuda:N, got {tr.device!r}")
     need(tr.log_every >= 1, f"train.log_every must be >= 1, got {tr.log_every}")
+    # fp16 gradients need loss scaling (a gradient scaler), which the loop does not have: small
+    # gradients would underflow to zero and training would silently stall. bf16 has fp32's range.
+    need(tr.autocast != "fp16", "train.autocast=fp16 is refused: it needs a gradient scaler, which dinokit does "
+         "not have (small gradients underflow to zero); use train.autocast=bf16")
     dd = tr.distributed
+    need(dd.param_dtype != "float16", "train.distributed.param_dtype=float16 is refused: it needs a gradient "
+         "scaler, which dinokit does not have; use bfloat16")
     need(world_size == 1 or dd.strategy != "none",
          f"train.distributed.strategy 'none' cannot run on {world_size} ranks; use ddp or fsdp")
     need(dd.strategy != "ddp" or dd.param_dtype == "float32",

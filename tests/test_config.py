@@ -260,3 +260,10 @@ def test_colour_jitter_strengths_are_validated() -> None:
         load_config("tiny", ["crops.color_jitter=[0.4, 0.4, 0.2, 0.7]"])
     with pytest.raises(ConfigError, match="crops.color_jitter"):
         load_config("tiny", ["crops.color_jitter=[0.4, 0.4]"])
+
+
+@pytest.mark.parametrize("override", ["train.autocast=fp16", "train.distributed.param_dtype=float16"])
+def test_fp16_without_a_gradient_scaler_is_refused(override: str) -> None:
+    """fp16 trained without loss scaling lets small gradients underflow; it must not start."""
+    with pytest.raises(ConfigError, match="gradient scaler"):
+        load_config("tiny", [override, "train.distributed.strategy=fsdp"])
