@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dinokit.checkpoint import load_backbone
-from dinokit.checkpoint.training import checkpoint_dirs
+from dinokit.checkpoint.training import checkpoint_dirs, checkpoint_step, latest_checkpoint
 from dinokit.cli import main
 from dinokit.config import load_config, vit_args_from_config
 from dinokit.train.loop import NonFiniteLossError, train
@@ -219,3 +219,25 @@ def test_online_knn_without_labels_fails_before_training(tmp_path: Path) -> None
         Image.fromarray(np.full((32, 32, 3), i * 40, np.uint8)).save(flat / f"{i}.png")
     with pytest.raises(ValueError, match="eval.knn_train"):
         train(_cfg(flat, "eval.knn_every=2", f"eval.knn_val={flat}"), tmp_path / "run")
+
+
+def test_a_skipped_last_step_still_writes_the_final_checkpoint_and_teacher(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When every image of the last batch fails to decode, the run still ends with its final
+    checkpoint and exported teacher (it used to skip both and report success)."""
+    from dinokit.train import loop
+
+    real = loop.build_loader
+
+    def last_batch_undecodable(*args, **kwargs):
+        batches = real(*args, **kwargs)
+        for i, batch in enumerate(batches):
+            yield {"n_skipped": 6, "n_images": 0} if i == 2 else batch
+
+    monkeypatch.setattr(loop, "build_loader", last_batch_undecodable)
+    run = tmp_path / "run"
+    result = train(_cfg(image_folder, "train.max_steps=3", "checkpoint.every=100"), run)
+    assert result.steps_done == 3 and result.skipped_images == 6
+    assert latest_checkpoint(run) is not None and checkpoint_step(latest_checkpoint(run)) == 3
+    assert (run / "teacher_backbone.safetensors").is_file()

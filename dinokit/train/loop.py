@@ -371,6 +371,8 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
                 if env.is_main:
                     log.warning("step %d: every image of a batch failed to decode; step skipped", step + 1)
                 progress.step += 1
+                if progress.step % cfg.checkpoint.every == 0 or progress.step == stop:  # the last step too
+                    _save(run_dir, model, optimizer, progress.trainer_state(), config_yaml, cfg.checkpoint.keep, env)
                 continue
             batch = _to_device(batch, device)
             sched = schedules.at(step)
