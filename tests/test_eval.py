@@ -291,3 +291,37 @@ def test_evaluate_linear_with_a_module(image_folder: Path):
     # Depth 2: the official {last 1, last 4} x {+-avgpool} set with 4 clamped to 2.
     assert res["features"] == ["cls_last1", "cls_last1_avgpool", "cls_last2", "cls_last2_avgpool"]
     assert res["image_size"] == 16 and res["results"]["n_val"] == 3
+
+
+def test_eval_refuses_features_of_another_backbone_or_preprocessing(image_folder: Path, tmp_path: Path, capsys):
+    """A feature folder carries its backbone's identity (weights and preprocessing); evaluating
+    it against features made otherwise is an error, while the same backbone passes."""
+    feats = tmp_path / "feats"
+    assert run(["embed", "pixels:16", "--data", str(image_folder), "--out", str(feats), "--features", "cls",
+                "--device", "cpu", "--no-progress"]) == 0
+    same = ["eval", "knn", "pixels:16", "--train", str(feats), "--test", str(image_folder), "--ks", "1",
+            "--device", "cpu", "--no-progress"]
+    assert run(same) == 0
+    capsys.readouterr()
+    other = ["eval", "knn", "pixels:24", "--train", str(feats), "--test", str(image_folder), "--ks", "1",
+             "--device", "cpu", "--no-progress"]
+    assert run(other) == 2
+    assert "different backbones or preprocessing" in capsys.readouterr().err
+    manifest = json.loads((feats / "manifest.json").read_text())
+    del manifest["identity"]  # a folder from before identities were recorded
+    (feats / "manifest.json").write_text(json.dumps(manifest))
+    assert run(same) == 2
+    assert "records no backbone identity" in capsys.readouterr().err
+
+
+def test_feature_identity_follows_weights_and_preprocessing() -> None:
+    from dinokit.eval.embed import eval_transform_for, feature_identity
+
+    model = tiny_vit()
+    base = feature_identity(model, eval_transform_for(16), 4)
+    assert feature_identity(tiny_vit(), eval_transform_for(16), 4) == feature_identity(model, eval_transform_for(16), 4)
+    assert feature_identity(model, eval_transform_for(24), 4) != base
+    assert feature_identity(model, eval_transform_for(16), 1) != base
+    with torch.no_grad():
+        model.norm.weight[0] += 1e-3
+    assert feature_identity(model, eval_transform_for(16), 4) != base

@@ -33,6 +33,7 @@ from dinokit.eval.embed import (
     eval_transform_for,
     extract_features,
     infer_image_size,
+    feature_identity,
     is_feature_dir,
     linear_feature_kinds,
     open_dataset,
@@ -85,11 +86,13 @@ def split_features(
     resolved = None
     info: dict[str, Any] = {}
     out: list[Extracted] = []
+    identities: dict[str, tuple[str | None, str]] = {}  # split -> (fingerprint, what made it)
     for split, data, limit in (("train", train, max_train), ("test", test, max_test)):
         if isinstance(data, (str, os.PathLike)) and is_feature_dir(data):
             stored = read_features(data, names=None if features is None else
                                    [parse_feature_kind(k, n_last_blocks)[0] for k in features], dtype=torch.float32)
             ex = Extracted(stored["features"], stored["labels"], stored["skipped"])
+            identities[split] = (stored["manifest"].get("identity"), f"{data} ({stored['manifest']['source']})")
             info.setdefault("backbone", stored["manifest"]["source"])
             info.setdefault("transform", stored["manifest"]["transform"])
             if limit is not None and limit < len(ex.labels):
@@ -109,6 +112,7 @@ def split_features(
                 features = linear_feature_kinds(len(resolved.model.blocks), n_last_blocks)
             transform = eval_transform_for(resolved.image_size, resize, crop)
             info["transform"] = repr(transform)
+            identities[split] = (feature_identity(resolved.model, transform, n_last_blocks), resolved.source)
             ex = extract_features(resolved.model, ds, transform, batch_size, features, n_last_blocks,
                                   bf16, num_workers, progress, device)
         if features is None:
@@ -117,7 +121,21 @@ def split_features(
                        "n": len(ex.labels), "n_skipped": len(ex.skipped), "skipped": ex.skipped[:1000]}
         out.append(ex)
     info["features"] = [parse_feature_kind(k, n_last_blocks)[0] for k in features]  # type: ignore[union-attr]
+    _check_same_features(identities)
     return out[0], out[1], info
+
+
+def _check_same_features(identities: dict[str, tuple[str | None, str]]) -> None:
+    """Train and test features must come from one backbone with one preprocessing."""
+    (train_id, train_src), (test_id, test_src) = identities["train"], identities["test"]
+    if train_id is None or test_id is None:
+        old = train_src if train_id is None else test_src
+        raise ValueError(f"{old}: this feature folder records no backbone identity (written by an older "
+                         "dinokit); embed it again so that its features can be checked against the other split's")
+    if train_id != test_id:
+        raise ValueError(f"train features ({train_src}, identity {train_id}) and test features ({test_src}, "
+                         f"identity {test_id}) come from different backbones or preprocessing; they cannot be "
+                         "compared")
 
 
 def evaluate_knn(

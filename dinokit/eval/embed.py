@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -48,6 +49,7 @@ __all__ = [
     "eval_transform_for",
     "extract_features",
     "infer_image_size",
+    "feature_identity",
     "is_feature_dir",
     "iter_feature_batches",
     "iter_feature_shards",
@@ -340,6 +342,16 @@ def extract_features(
 # ----------------------------------------------------------------------------- shards on disk
 
 
+def feature_identity(model: nn.Module, transform: Any, n_last_blocks: int) -> str:
+    """A fingerprint of what makes features comparable: every weight of `model` (bit for bit),
+    its class, the preprocessing (`repr(transform)`) and the block count of `blocks*` features."""
+    digest = hashlib.sha256(f"{type(model).__name__}|{transform!r}|{n_last_blocks}".encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _atomic_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(obj, indent=2))
@@ -445,6 +457,7 @@ def write_feature_shards(
         "labels_file": LABELS_FILE,
         "skipped": skipped,
         "source": source,
+        "identity": feature_identity(model, transform, n_last_blocks),
         "dataset": description or repr(dataset),
         "transform": repr(transform),
         "n_last_blocks": n_last_blocks,
