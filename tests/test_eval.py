@@ -325,3 +325,18 @@ def test_feature_identity_follows_weights_and_preprocessing() -> None:
     with torch.no_grad():
         model.norm.weight[0] += 1e-3
     assert feature_identity(model, eval_transform_for(16), 4) != base
+
+
+def test_logreg_reports_early_stop_and_unconverged_fits():
+    pytest.importorskip("sklearn")
+    from dinokit.eval.logreg import logreg_probe
+
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(700, 16, generator=g), torch.randint(0, 4, (700,), generator=g)
+    cs = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+    swept = logreg_probe(x[:500], y[:500], x[500:], y[500:], cs=cs, max_iter=2, patience=None)
+    assert swept["skipped_by_patience"] == [] and all(row["val_top1"] is not None for row in swept["grid"])
+    assert swept["not_converged"] and all(not row["converged"] for row in swept["grid"] if row["C"] in swept["not_converged"])
+    early = logreg_probe(x[:500], y[:500], x[500:], y[500:], cs=cs, patience=1)
+    tried = [row["C"] for row in early["grid"] if row["val_top1"] is not None]
+    assert early["skipped_by_patience"] == [c for c in cs if c not in tried] and early["skipped_by_patience"]

@@ -195,6 +195,7 @@ def evaluate_logreg(
     cs: Sequence[float] | None = None,
     val_fraction: float = 0.1,
     max_iter: int = 1000,
+    patience: int | None = 2,
     **embed: Any,
 ) -> dict[str, Any]:
     """Logistic-regression probe (`logreg_probe`) on one feature kind."""
@@ -204,7 +205,7 @@ def evaluate_logreg(
     tr, te, info = split_features(backbone, train, test, [feature], **embed)
     name = info["features"][0]
     res = logreg_probe(tr.features[name], tr.labels, te.features[name], te.labels, cs=cs or DEFAULT_CS,
-                       val_fraction=val_fraction, max_iter=max_iter, seed=embed.get("seed", 0))
+                       val_fraction=val_fraction, max_iter=max_iter, seed=embed.get("seed", 0), patience=patience)
     return {"protocol": "logreg", "feature": name, "results": res, **info, "seconds": round(time.time() - t0, 2)}
 
 
@@ -245,11 +246,17 @@ def format_result(result: dict[str, Any]) -> str:
         if b["lr"] == max(res["lrs"]) and len(res["lrs"]) > 1:
             body += "\nnote: the largest learning rate won; a grid with larger --lrs (or more --epochs) may do better"
     else:
-        rows = [(f"{g['C']:.3g}", "-" if g["val_top1"] is None else g["val_top1"]) for g in res["grid"]]
+        rows = [(f"{g['C']:.3g}", "-" if g["val_top1"] is None else g["val_top1"],
+                 "-" if g["val_top1"] is None else ("yes" if g["converged"] else "no (max_iter)")) for g in res["grid"]]
         b = res["best"]
-        body = (f"logistic regression on {result['feature']}\n" + _table(["C", "val top-1 %"], rows)
+        body = (f"logistic regression on {result['feature']}\n" + _table(["C", "val top-1 %", "converged"], rows)
                 + f"\nchosen: C {b['C']:.3g} -> test top-1 {b['test_top1']:.2f} %"
                 + (f", top-5 {b['test_top5']:.2f} %" if "test_top5" in b else ""))
+        if res["skipped_by_patience"]:
+            body += (f"\nnote: {len(res['skipped_by_patience'])} larger C not tried: validation accuracy had "
+                     "stopped improving (--patience)")
+        if res["not_converged"]:
+            body += f"\nnote: {len(res['not_converged'])} fit(s) stopped at --max-iter before converging"
     return f"{_header(result)}\n{body}"
 
 
@@ -321,7 +328,8 @@ def _run_eval(args: argparse.Namespace) -> int:
                                      val_fraction=args.val_fraction, **kw)
         else:
             result = evaluate_logreg(args.backbone, args.train, args.test, feature=args.feature, cs=args.cs,
-                                     val_fraction=args.val_fraction, max_iter=args.max_iter, **kw)
+                                     val_fraction=args.val_fraction, max_iter=args.max_iter,
+                                     patience=args.patience or None, **kw)
     except _errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -379,4 +387,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
             p.add_argument("--cs", type=float, nargs="+", default=None, help="default 1e-4 ... 100")
             p.add_argument("--val-fraction", type=float, default=0.1)
             p.add_argument("--max-iter", type=int, default=1000)
+            p.add_argument("--patience", type=int, default=2,
+                           help="stop the ascending C sweep after this many Cs without a better validation "
+                                "accuracy (0: try every C)")
         p.set_defaults(func=_run_eval)

@@ -61,8 +61,10 @@ def logreg_probe(
             the large Cs are the slow fits (they run to max_iter), so this saves most of the time.
 
     Returns:
-        {"best": {C, val_top1, test_top1[, test_top5]}, "grid": [{C, val_top1 (None: skipped by patience), n_iter, seconds}, ...],
-         "n_train", "n_val", "n_test", "num_classes"}.
+        {"best": {C, val_top1, test_top1[, test_top5]},
+         "grid": [{C, val_top1 (None: skipped by patience), n_iter, converged, seconds}, ...],
+         "n_train", "n_val", "n_test", "num_classes",
+         "not_converged": [C that stopped at max_iter], "skipped_by_patience": [C not tried]}.
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -95,12 +97,14 @@ def logreg_probe(
             break
         t0 = time.time()
         clf.set_params(C=float(cs[j]))
-        with warnings.catch_warnings(), threadpool_limits(limits=threads):
-            # Large C may hit max_iter, which still gives a usable model; n_iter is reported.
-            warnings.simplefilter("ignore", ConvergenceWarning)
+        with warnings.catch_warnings(record=True) as caught, threadpool_limits(limits=threads):
+            # Large C may hit max_iter, which still gives a usable model: the warning is not
+            # printed per fit but counted, and each C says whether it converged.
+            warnings.simplefilter("always", ConvergenceWarning)
             clf.fit(x_tr, y_tr)
+        converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
         acc = float(100.0 * (clf.predict(x_val) == y_val).mean())
-        grid[j] = {"C": float(cs[j]), "val_top1": acc, "n_iter": int(np.max(clf.n_iter_)),
+        grid[j] = {"C": float(cs[j]), "val_top1": acc, "n_iter": int(np.max(clf.n_iter_)), "converged": converged,
                    "seconds": round(time.time() - t0, 2)}
         # Strictly better only: on ties the smaller C (visited first) is kept.
         if best_params is None or acc > grid[best_j]["val_top1"]:
@@ -115,4 +119,6 @@ def logreg_probe(
     if num_classes >= 5 and len(clf.classes_) >= 5:
         best["test_top5"] = _topk_acc(clf.predict_proba(xt), clf.classes_, yt, 5)
     return {"best": best, "grid": grid, "n_train": len(tr), "n_val": len(val), "n_test": len(yt),
-            "num_classes": num_classes}
+            "num_classes": num_classes,
+            "not_converged": [g["C"] for g in grid if g["val_top1"] is not None and not g["converged"]],
+            "skipped_by_patience": [g["C"] for g in grid if g["val_top1"] is None]}
