@@ -59,6 +59,7 @@ __all__ = [
     "load_preset",
     "save_config",
     "schedule_args",
+    "ignored_keys",
     "student_models",
     "validate",
     "vit_args_from_config",
@@ -805,6 +806,22 @@ def _start_problems(cfg: Config, world_size: int) -> list[str]:
     elif dist.students:
         problems.append("distill.students needs distill.teacher (--teacher)")
     return problems
+
+
+def ignored_keys(cfg: Config, world_size: int = 1) -> list[str]:
+    """Settings the run will not use as they stand, each with why (warned about at start)."""
+    notes: list[str] = []
+    if cfg.data.dataset != "fashion_mnist" and cfg.data.split != DataConfig().split:
+        notes.append(f"data.split={cfg.data.split!r} is ignored: only data.dataset=fashion_mnist has splits")
+    lo = cfg.loss
+    sizes = ("out_dim", "hidden_dim", "bottleneck_dim", "nlayers")
+    if lo.mode == "dinov2" and not lo.separate_ibot_head and any(
+            getattr(lo.ibot_head, k) != getattr(cfg.head, k) for k in sizes):
+        notes.append("loss.ibot_head is ignored: iBOT shares the DINO head (`head`) unless "
+                     "loss.separate_ibot_head=true")
+    if world_size == 1 and cfg.train.distributed != DistributedConfig():
+        notes.append("train.distributed.* is ignored: it applies to runs under torchrun with more than one process")
+    return notes
 
 
 def student_models(cfg: Config) -> dict[str, ModelConfig]:

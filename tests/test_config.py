@@ -267,3 +267,16 @@ def test_fp16_without_a_gradient_scaler_is_refused(override: str) -> None:
     """fp16 trained without loss scaling lets small gradients underflow; it must not start."""
     with pytest.raises(ConfigError, match="gradient scaler"):
         load_config("tiny", [override, "train.distributed.strategy=fsdp"])
+
+
+def test_settings_the_run_ignores_are_named() -> None:
+    from dinokit.config import ignored_keys
+
+    assert ignored_keys(load_config("tiny")) == []
+    assert ignored_keys(load_config("vits14")) == [] and ignored_keys(load_config("dino_vits16")) == []
+    notes = ignored_keys(load_config("tiny", ["data.split=test", "loss.ibot_head.out_dim=512",
+                                              "train.distributed.strategy=fsdp"]))
+    assert [n.split(" ")[0] for n in notes] == ["data.split='test'", "loss.ibot_head", "train.distributed.*"]
+    used = load_config("tiny", ["data.dataset=fashion_mnist", "data.split=test", "loss.separate_ibot_head=true",
+                                "loss.ibot_head.out_dim=512", "train.distributed.strategy=fsdp"])
+    assert [n.split(" ")[0] for n in ignored_keys(used, world_size=2)] == []

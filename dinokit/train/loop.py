@@ -50,6 +50,7 @@ from dinokit.config import (
     ModelConfig,
     config_from_dict,
     config_to_dict,
+    ignored_keys,
     schedule_args,
     student_models,
     validate,
@@ -419,6 +420,9 @@ def _check_before_work(cfg: Config, run_dir: Path, env: DistEnv) -> tuple[Any, O
     """Everything that can be wrong before any work: the configuration, a run folder holding
     another configuration, the data (missing or empty) and the online k-NN's data sets."""
     validate(cfg, world_size=env.world_size)
+    if env.is_main:
+        for note in ignored_keys(cfg, env.world_size):
+            log.warning("%s", note)
     saved_cfg_path = run_dir / "config.yaml"
     if saved_cfg_path.is_file():
         import yaml
