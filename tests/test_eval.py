@@ -164,17 +164,27 @@ def test_logreg_separable_and_chance():
 # ----------------------------------------------------------------------------- features
 
 
-@pytest.fixture
-def image_folder(tmp_path: Path) -> Path:
+def _colour_folder(root: Path, seed: int) -> Path:
     """2 classes x 6 images (reddish vs bluish 16 px noise) + 1 corrupt file in class b."""
-    rng = np.random.default_rng(0)
-    for c, (name, base) in enumerate((("a", (200, 40, 40)), ("b", (40, 40, 200)))):
-        (tmp_path / name).mkdir()
+    rng = np.random.default_rng(seed)
+    for name, base in (("a", (200, 40, 40)), ("b", (40, 40, 200))):
+        (root / name).mkdir(parents=True)
         for i in range(6):
             arr = np.clip(np.array(base) + rng.normal(0, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(arr).save(tmp_path / name / f"{i}.png")
-    (tmp_path / "b" / "2_broken.png").write_bytes(b"not an image")
-    return tmp_path
+            Image.fromarray(arr).save(root / name / f"{i}.png")
+    (root / "b" / "2_broken.png").write_bytes(b"not an image")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return _colour_folder(tmp_path, seed=0)
+
+
+@pytest.fixture
+def held_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Other images of the same two classes: accuracy is measured on these, never on the train set."""
+    return _colour_folder(tmp_path_factory.mktemp("held_out"), seed=1)
 
 
 def tiny_vit():
@@ -228,7 +238,7 @@ def test_shards_equal_direct_forward(image_folder: Path, tmp_path: Path):
         write_feature_shards(tmp_path / "feats", model, ds, transform, progress=False)
 
 
-def test_pixels_backbone(image_folder: Path):
+def test_pixels_backbone(image_folder: Path, held_out: Path):
     ds = ImageFolderDataset(image_folder)
     transform = eval_transform_for(16)
     with warnings.catch_warnings():
@@ -236,7 +246,7 @@ def test_pixels_backbone(image_folder: Path):
         ex = extract_features(PixelBackbone(16), ds, transform, features=("cls", "avgpool"), progress=False)
         torch.testing.assert_close(ex.features["cls"][0], transform(ds[0][0]).flatten())
         assert ex.features["avgpool"].shape == (12, 3)
-        res = evaluate_knn("pixels", ds, ds, ks=(3,), device="cpu", progress=False)
+        res = evaluate_knn("pixels", ds, ImageFolderDataset(held_out), ks=(3,), device="cpu", progress=False)
     assert res["results"]["3"]["top1"] == 100.0
     assert res["image_size"] == 16 and res["train"]["n_skipped"] == 1
 
@@ -257,9 +267,9 @@ def run(argv: list[str]) -> int:
         return args.func(args)
 
 
-def test_cli_eval_knn_writes_json(image_folder: Path, tmp_path: Path, capsys):
+def test_cli_eval_knn_writes_json(image_folder: Path, held_out: Path, tmp_path: Path, capsys):
     out = tmp_path / "res" / "knn.json"
-    assert run(["eval", "knn", "pixels", "--train", str(image_folder), "--test", str(image_folder),
+    assert run(["eval", "knn", "pixels", "--train", str(image_folder), "--test", str(held_out),
                 "--ks", "1", "3", "50", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
     result = json.loads(out.read_text())
     assert result["protocol"] == "knn" and result["backbone"].startswith("pixels")
@@ -269,14 +279,15 @@ def test_cli_eval_knn_writes_json(image_folder: Path, tmp_path: Path, capsys):
     assert run(["eval", "knn", "pixels", "--train", str(tmp_path / "missing"), "--test", str(image_folder)]) == 2
 
 
-def test_cli_embed_then_eval_from_feature_folders(image_folder: Path, tmp_path: Path):
-    feats = tmp_path / "feats"
-    assert run(["embed", "pixels", "--data", str(image_folder), "--out", str(feats), "--features", "cls", "avgpool",
-                "--shard-size", "4", "--device", "cpu", "--no-progress"]) == 0
+def test_cli_embed_then_eval_from_feature_folders(image_folder: Path, held_out: Path, tmp_path: Path):
+    feats, test_feats = tmp_path / "feats", tmp_path / "test_feats"
+    for data, out_dir in ((image_folder, feats), (held_out, test_feats)):
+        assert run(["embed", "pixels", "--data", str(data), "--out", str(out_dir), "--features", "cls", "avgpool",
+                    "--shard-size", "4", "--device", "cpu", "--no-progress"]) == 0
     assert read_features(feats)["features"]["cls"].dtype == torch.float16
     out = tmp_path / "lin.json"
     # "none" is never resolved: both sets are feature folders.
-    assert run(["eval", "linear", "none", "--train", str(feats), "--test", str(feats), "--features", "cls",
+    assert run(["eval", "linear", "none", "--train", str(feats), "--test", str(test_feats), "--features", "cls",
                 "--lrs", "0.1", "--epochs", "20", "--probe-batch-size", "4", "--val-fraction", "0.25",
                 "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
     result = json.loads(out.read_text())
