@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# The repository carries a copy of the official-code reference outputs so that any clone can run
-# the parity tests; a reference folder beside the checkout wins when it is there (it may be newer).
+# The repository carries the official-code reference outputs, so every clone tests against the
+# same committed data; DINOKIT_REFERENCE_DIR points the tests at another copy on purpose.
 BUNDLED_REFERENCE = REPO / "tests" / "data" / "reference_dinov2"
-SHARED_REFERENCE = REPO.parent / "shared" / "reference" / "dinov2"
 
 
 def require(module: str) -> None:
@@ -27,8 +26,6 @@ def reference_folder() -> Path:
     env = os.environ.get("DINOKIT_REFERENCE_DIR")
     if env:
         return Path(env)
-    if (SHARED_REFERENCE / "manifest.json").is_file():
-        return SHARED_REFERENCE
     return BUNDLED_REFERENCE
 
 

@@ -123,18 +123,26 @@ def _batch(cfg) -> dict:
                                  random_state=random.Random(0))
 
 
-def _one_step_loss(overrides: list[str]) -> float:
+def _one_step(overrides: list[str]) -> tuple[float, dict[str, torch.Tensor]]:
+    """The loss of one train step and the student's (clipped) gradients it left behind."""
     cfg = load_config("tiny", [*SMALL, *overrides])
     torch.manual_seed(0)
     model = build_model(cfg).train()
     optimizer = build_optimizer(model.student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
     sched = build_schedules(**schedule_args(cfg)).at(0)
     terms, _ = train_step(model, optimizer, _batch(cfg), sched, cfg, torch.device("cpu"))
-    return float(terms["total"])
+    grads = {name.replace("_orig_mod.", ""): p.grad.detach().clone()
+             for name, p in model.student.named_parameters() if p.grad is not None}
+    return float(terms["total"]), grads
 
 
 @pytest.mark.skipif(os.environ.get("DINOKIT_TEST_COMPILE") != "1", reason="set DINOKIT_TEST_COMPILE=1 (minutes of compiling)")
 def test_compiled_train_step_runs_on_cpu_and_matches_eager() -> None:
-    eager = _one_step_loss(["train.packing=true"])
-    compiled = _one_step_loss(["train.packing=true", "train.compile=true"])
-    assert compiled == pytest.approx(eager, rel=1e-4)
+    """Forward and backward: the loss and every gradient of the compiled step equal eager's."""
+    eager_loss, eager_grads = _one_step(["train.packing=true"])
+    compiled_loss, compiled_grads = _one_step(["train.packing=true", "train.compile=true"])
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-4)
+    assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) > 10
+    for name, grad in eager_grads.items():
+        scale = float(grad.abs().max()) or 1.0
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-3, atol=1e-4 * scale, msg=name)
