@@ -25,6 +25,7 @@ from dinokit.eval.commands import split_features
 from dinokit.eval.embed import linear_feature_kinds
 from dinokit.eval.knn import knn_classify
 from dinokit.eval.linear import linear_probe
+from dinokit.machine import machine_info
 from dinokit.train.loop import train
 
 log = logging.getLogger("dinokit.quickstart")
@@ -135,8 +136,10 @@ def run_quickstart(out: Path, data: Path | None = None, fmnist_root: Path = Path
             log.info("evaluating %s", name)
             evaluations.append(_evaluate(name, backbone, eval_train, eval_test, depth, **kw))
     pictures = _pictures(run_dir, out, eval_test, train_spec)
-    (out / "results.json").write_text(json.dumps({"evaluations": evaluations, "steps": result.steps_done,
-                                                  "train_seconds": round(train_seconds, 1)}, indent=2))
+    (out / "results.json").write_text(json.dumps({
+        "machine": machine_info(), "data": description, "preset": preset, "overrides": list(overrides or []),
+        "evaluations": evaluations, "steps": result.steps_done, "skipped_images": result.skipped_images,
+        "train_seconds": round(train_seconds, 1), "wall_seconds": round(time.time() - t_start, 1)}, indent=2))
     report = out / "report.md"
     report.write_text(_report(cfg, description, result.steps_done, train_seconds, result.skipped_images,
                               evaluations, pictures, time.time() - t_start))
@@ -159,7 +162,8 @@ def _report(cfg: Config, description: str, steps: int, train_seconds: float, ski
         f"{cfg.head.out_dim} prototypes; loss mode {cfg.loss.mode} ({cfg.loss.centering})",
         f"- pretraining: {steps} steps of batch {cfg.optim.batch_size} in {train_seconds / 60:.1f} min "
         f"({steps * cfg.optim.batch_size / max(train_seconds, 1e-9):.0f} images/s); {skipped} images skipped",
-        f"- total time: {total_seconds / 60:.1f} min on {torch.get_num_threads()} threads",
+        f"- total time: {total_seconds / 60:.1f} min on {torch.get_num_threads()} threads of "
+        f"{machine_info()['cpu']} ({machine_info()['cores']} cores)",
         "",
     ]
     if evaluations:

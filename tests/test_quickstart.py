@@ -41,6 +41,8 @@ def test_quickstart_on_an_image_folder_writes_the_report(tmp_path: Path, capsys)
     # Bright vs dark images: raw pixels separate them perfectly on the held-out 20 %.
     assert results["evaluations"][2]["knn"]["10"]["top1"] == 100.0
     assert results["evaluations"][0]["n_test"] == 4 and results["steps"] == 2
+    assert results["machine"]["cpu"] and results["machine"]["cores"] >= 1 and results["machine"]["torch"]
+    assert results["wall_seconds"] >= results["train_seconds"] > 0 and results["preset"] == "tiny"
 
 
 def test_quickstart_without_fashion_mnist_says_how_to_get_it(tmp_path: Path, capsys) -> None:
