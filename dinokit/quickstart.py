@@ -153,6 +153,7 @@ def _pct(x: float) -> str:
 def _report(cfg: Config, description: str, steps: int, train_seconds: float, skipped: int,
             evaluations: list[dict], pictures: list[str], total_seconds: float) -> str:
     m = cfg.model
+    machine = machine_info()
     lines = [
         "# dinokit quickstart report",
         "",
@@ -163,7 +164,7 @@ def _report(cfg: Config, description: str, steps: int, train_seconds: float, ski
         f"- pretraining: {steps} steps of batch {cfg.optim.batch_size} in {train_seconds / 60:.1f} min "
         f"({steps * cfg.optim.batch_size / max(train_seconds, 1e-9):.0f} images/s); {skipped} images skipped",
         f"- total time: {total_seconds / 60:.1f} min on {torch.get_num_threads()} threads of "
-        f"{machine_info()['cpu']} ({machine_info()['cores']} cores)",
+        f"{machine['cpu']} ({machine['cores']} cores)",
         "",
     ]
     if evaluations:

@@ -17,8 +17,9 @@ from pathlib import Path
 from torch import Tensor
 
 from dinokit.checkpoint.loading import CheckpointError, read_checkpoint
-from dinokit.export.hf import from_hf_state_dict, is_hf_folder, vit_args_from_hf_config
-from dinokit.export.timm import from_timm_state_dict, is_timm_folder, vit_args_from_timm_config
+from dinokit.export import read_config_json
+from dinokit.export.hf import from_hf_state_dict, is_hf_config, is_hf_folder, vit_args_from_hf_config
+from dinokit.export.timm import from_timm_state_dict, is_timm_config, is_timm_folder, vit_args_from_timm_config
 from dinokit.models.builders import ViTArgs
 
 __all__ = ["ForeignBackbone", "foreign_architecture", "is_foreign_folder", "not_a_backbone_folder", "read_foreign_folder"]
@@ -41,13 +42,12 @@ def is_foreign_folder(folder: Path) -> bool:
 
 def not_a_backbone_folder(folder: Path) -> CheckpointError:
     """The error for a folder that is neither a dinokit run nor a known library's DINOv2 folder."""
-    config = folder / "config.json"
-    if config.is_file():
-        try:
-            cfg = json.loads(config.read_text())
+    if (folder / "config.json").is_file():
+        cfg = read_config_json(folder)
+        if cfg is None:
+            what = "no readable JSON object"
+        else:
             what = f"model_type {cfg.get('model_type')!r}" if "model_type" in cfg else f"architecture {cfg.get('architecture')!r}"
-        except (json.JSONDecodeError, AttributeError):
-            what = "no readable JSON"
         return CheckpointError(f"{folder}: config.json holds {what}, not a transformers DINOv2 "
                                "(dinov2, dinov2_with_registers) or timm DINOv2 model, and there is no config.yaml "
                                "of a dinokit run")
@@ -58,13 +58,13 @@ def not_a_backbone_folder(folder: Path) -> CheckpointError:
 def foreign_architecture(folder: Path) -> tuple[ViTArgs, str, dict]:
     """The architecture a transformers or timm folder's `config.json` states, the library, the config."""
     config_path = folder / "config.json"
+    config = read_config_json(folder)
     try:
-        config = json.loads(config_path.read_text())
-        if is_hf_folder(folder):
+        if config is not None and is_hf_config(config):
             return vit_args_from_hf_config(config, str(config_path)), "transformers", config
-        if is_timm_folder(folder):
+        if config is not None and is_timm_config(config):
             return vit_args_from_timm_config(config, str(config_path)), "timm", config
-    except ValueError as exc:  # JSON errors included
+    except ValueError as exc:
         raise CheckpointError(f"{config_path}: {exc}") from exc
     raise not_a_backbone_folder(folder)
 

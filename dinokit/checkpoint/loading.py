@@ -23,6 +23,9 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from dinokit.export.hf import from_hf_state_dict, is_hf_state_dict
+from dinokit.export.timm import from_timm_state_dict, is_timm_state_dict
+
 # Wrappers that training frameworks add in front of parameter names.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 # Containers under which checkpoints keep their state dicts, most specific first.
@@ -135,9 +138,6 @@ def split_components(state_dict: Mapping[str, Tensor]) -> dict[str, dict[str, Te
 def backbone_state_dict(ckpt: Mapping[str, Any], which: str = "teacher") -> dict[str, Tensor]:
     """The backbone's weights in dinokit / hub key names, from any supported checkpoint layout
     (state dicts in transformers' or timm's names are renamed, see `dinokit.export`)."""
-    from dinokit.export.hf import from_hf_state_dict, is_hf_state_dict
-    from dinokit.export.timm import from_timm_state_dict, is_timm_state_dict
-
     flat = strip_wrappers(select_state_dict(ckpt, which))
     if is_hf_state_dict(flat):
         return from_hf_state_dict(flat)

@@ -32,8 +32,8 @@ from dinokit.eval.embed import (
     default_device,
     eval_transform_for,
     extract_features,
-    infer_image_size,
     feature_identity,
+    infer_image_size,
     is_feature_dir,
     linear_feature_kinds,
     open_dataset,
@@ -87,6 +87,7 @@ def split_features(
     info: dict[str, Any] = {}
     out: list[Extracted] = []
     identities: dict[str, tuple[str | None, str]] = {}  # split -> (fingerprint, what made it)
+    live_identity: str | None = None
     for split, data, limit in (("train", train, max_train), ("test", test, max_test)):
         if isinstance(data, (str, os.PathLike)) and is_feature_dir(data):
             stored = read_features(data, names=None if features is None else
@@ -112,7 +113,9 @@ def split_features(
                 features = linear_feature_kinds(len(resolved.model.blocks), n_last_blocks)
             transform = eval_transform_for(resolved.image_size, resize, crop)
             info["transform"] = repr(transform)
-            identities[split] = (feature_identity(resolved.model, transform, n_last_blocks), resolved.source)
+            if live_identity is None:  # one hash of the weights; the transform is the same for both splits
+                live_identity = feature_identity(resolved.model, transform, n_last_blocks)
+            identities[split] = (live_identity, resolved.source)
             ex = extract_features(resolved.model, ds, transform, batch_size, features, n_last_blocks,
                                   bf16, num_workers, progress, device)
         if features is None:

@@ -20,8 +20,11 @@ that a peer built for that size needs no resampling and matches exactly.
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,8 +34,11 @@ from dinokit.models.layers.layer_scale import LayerScale
 from dinokit.models.layers.mlp import Mlp, swiglu_hidden_features
 from dinokit.models.vision_transformer import VisionTransformer
 
-__all__ = ["BackboneArch", "Resampling", "backbone_arch", "model_resampling", "state_dict_for_size",
-           "stored_img_size", "vit_args_of"]
+__all__ = ["VIT_ARGS_KEY", "BackboneArch", "Resampling", "backbone_arch", "model_resampling", "read_config_json",
+           "state_dict_for_size", "stored_img_size", "stored_vit_args", "vit_args_of"]
+
+# Where the transformers and timm `config.json` that dinokit writes keep the exact architecture.
+VIT_ARGS_KEY = "dinokit_vit_args"
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,26 @@ def vit_args_of(model: VisionTransformer) -> ViTArgs:
         interpolate_offset=float(model.interpolate_offset),
         use_mask_token=arch.mask_token,
     )
+
+
+def stored_vit_args(config: dict[str, Any]) -> ViTArgs | None:
+    """The architecture `dinokit export` stored in a library's `config.json`, or None."""
+    if VIT_ARGS_KEY not in config:
+        return None
+    known = {f.name for f in fields(ViTArgs)}
+    return ViTArgs(**{k: v for k, v in config[VIT_ARGS_KEY].items() if k in known})
+
+
+def read_config_json(folder: Path) -> dict[str, Any] | None:
+    """`folder/config.json` as a dict, or None when it is missing or not a JSON object."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def stored_img_size(model: VisionTransformer) -> int:

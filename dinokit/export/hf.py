@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,21 +37,23 @@ import torch
 from torch import Tensor, nn
 
 from dinokit.export import (
+    VIT_ARGS_KEY,
     BackboneArch,
     Resampling,
     backbone_arch,
+    read_config_json,
     state_dict_for_size,
     stored_img_size,
+    stored_vit_args,
     vit_args_of,
 )
 from dinokit.models.builders import ViTArgs
 from dinokit.models.vision_transformer import VisionTransformer
 
-__all__ = ["from_hf_state_dict", "hf_config", "hf_resampling", "is_hf_folder", "to_hf", "to_hf_state_dict",
+__all__ = ["from_hf_state_dict", "hf_config", "hf_resampling", "is_hf_config", "is_hf_folder", "to_hf", "to_hf_state_dict",
            "vit_args_from_hf_config", "write_hf_folder"]
 
 MODEL_TYPES = ("dinov2", "dinov2_with_registers")
-VIT_ARGS_KEY = "dinokit_vit_args"
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _TOP = {
@@ -201,22 +203,21 @@ def write_hf_folder(model: VisionTransformer, out: Path, image_size: int, resize
     return peer
 
 
+def is_hf_config(config: Mapping[str, Any]) -> bool:
+    """A transformers DINOv2 `config.json`."""
+    return config.get("model_type") in MODEL_TYPES
+
+
 def is_hf_folder(folder: Path) -> bool:
-    """A folder with a transformers DINOv2 `config.json`."""
-    config = folder / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        return json.loads(config.read_text()).get("model_type") in MODEL_TYPES
-    except (json.JSONDecodeError, AttributeError):
-        return False
+    config = read_config_json(folder)
+    return config is not None and is_hf_config(config)
 
 
 def vit_args_from_hf_config(config: Mapping[str, Any], where: str = "config.json") -> ViTArgs:
     """The architecture a transformers DINOv2 `config.json` describes (ValueError says what is off)."""
-    if VIT_ARGS_KEY in config:
-        known = {f.name for f in fields(ViTArgs)}
-        return ViTArgs(**{k: v for k, v in config[VIT_ARGS_KEY].items() if k in known})
+    stored = stored_vit_args(dict(config))
+    if stored is not None:
+        return stored
     if config.get("model_type") not in MODEL_TYPES:
         raise ValueError(f"{where}: model_type {config.get('model_type')!r} is not one of {MODEL_TYPES}")
     if config.get("hidden_act", "gelu") != "gelu" or not config.get("qkv_bias", True):

@@ -29,7 +29,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,20 +38,22 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from dinokit.export import (
+    VIT_ARGS_KEY,
     BackboneArch,
     Resampling,
     backbone_arch,
+    read_config_json,
     state_dict_for_size,
     stored_img_size,
+    stored_vit_args,
     vit_args_of,
 )
 from dinokit.models.builders import OFFICIAL_ARCHS, ViTArgs
 from dinokit.models.vision_transformer import VisionTransformer
 
-__all__ = ["from_timm_state_dict", "is_timm_folder", "timm_kwargs", "timm_resampling", "to_timm",
+__all__ = ["from_timm_state_dict", "is_timm_config", "is_timm_folder", "timm_kwargs", "timm_resampling", "to_timm",
            "to_timm_state_dict", "vit_args_from_timm_config", "write_timm_folder"]
 
-VIT_ARGS_KEY = "dinokit_vit_args"
 # timm's DINOv2 architectures and the released models they are
 TIMM_DINOV2 = {
     f"vit_{size}_patch14{reg}_dinov2": f"dinov2_vit{size[0]}14{'_reg' if reg else ''}"
@@ -171,8 +173,7 @@ def write_timm_folder(model: VisionTransformer, out: Path, image_size: int, resi
 def _timm_state(model: VisionTransformer) -> dict[str, Tensor]:
     """timm keys with the register layout of `write_timm_folder`, plus the official `mask_token`."""
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    out = {k: v for k, v in to_timm_state_dict({k: v for k, v in state.items()
-                                                if k not in ("register_tokens", "pos_embed")}).items()}
+    out = to_timm_state_dict({k: v for k, v in state.items() if k not in ("register_tokens", "pos_embed")})
     out["pos_embed"] = state["pos_embed"]
     if "register_tokens" in state:
         registers = state["register_tokens"]
@@ -184,24 +185,22 @@ def _timm_state(model: VisionTransformer) -> dict[str, Tensor]:
     return out
 
 
+def is_timm_config(config: Mapping[str, Any]) -> bool:
+    """A timm `config.json` naming a DINOv2 architecture (or written by `write_timm_folder`)."""
+    return "architecture" in config and (
+        VIT_ARGS_KEY in config or str(config["architecture"]).split(".")[0] in TIMM_DINOV2)
+
+
 def is_timm_folder(folder: Path) -> bool:
-    """A folder with a timm `config.json` naming a DINOv2 architecture (or written here)."""
-    config = folder / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        cfg = json.loads(config.read_text())
-    except json.JSONDecodeError:
-        return False
-    return isinstance(cfg, dict) and "architecture" in cfg and (
-        VIT_ARGS_KEY in cfg or str(cfg["architecture"]).split(".")[0] in TIMM_DINOV2)
+    config = read_config_json(folder)
+    return config is not None and is_timm_config(config)
 
 
 def vit_args_from_timm_config(config: Mapping[str, Any], where: str = "config.json") -> ViTArgs:
     """The architecture a timm `config.json` describes (ValueError says what is off)."""
-    if VIT_ARGS_KEY in config:
-        known = {f.name for f in fields(ViTArgs)}
-        return ViTArgs(**{k: v for k, v in config[VIT_ARGS_KEY].items() if k in known})
+    stored = stored_vit_args(dict(config))
+    if stored is not None:
+        return stored
     name = str(config.get("architecture", "")).split(".")[0]
     if name not in TIMM_DINOV2:
         raise ValueError(f"{where}: architecture {name!r} is not a timm DINOv2 model ({', '.join(TIMM_DINOV2)})")

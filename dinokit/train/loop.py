@@ -341,6 +341,10 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
     warmup_steps = cfg.optim.warmup_epochs * cfg.optim.epoch_length
     last_warning = -(10**9)
     frozen: bool | None = None
+
+    def checkpoint_due(done: int) -> bool:
+        return done % cfg.checkpoint.every == 0 or done == stop
+
     try:
         while progress.step < stop:
             step = progress.step
@@ -372,7 +376,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
                 if env.is_main:
                     log.warning("step %d: every image of a batch failed to decode; step skipped", step + 1)
                 progress.step += 1
-                if progress.step % cfg.checkpoint.every == 0 or progress.step == stop:  # the last step too
+                if checkpoint_due(progress.step):  # the last step's checkpoint too
                     _save(run_dir, model, optimizer, progress.trainer_state(), config_yaml, cfg.checkpoint.keep, env)
                 continue
             batch = _to_device(batch, device)
@@ -406,7 +410,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
                 elif step % cfg.train.log_every == 0 or step == stop:
                     log.info("step %d/%d loss %.4f lr %.3g %.1f img/s", step, stop, loss_value, sched["lr"],
                              record["images_per_s"])
-            if step % cfg.checkpoint.every == 0 or step == stop:
+            if checkpoint_due(step):
                 _save(run_dir, model, optimizer, progress.trainer_state(), config_yaml, cfg.checkpoint.keep, env)
     finally:
         if metrics is not None:
