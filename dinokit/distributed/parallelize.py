@@ -23,6 +23,8 @@ the parameters by sharded DTensors; the optimizer must hold those).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -70,15 +72,23 @@ def _apply_ddp(model: nn.Module, cfg: DistributedConfig, env: DistEnv, find_unus
         model,
         find_unused_parameters=find_unused_parameters,
         device_ids=[env.device.index] if env.device.type == "cuda" else None,
-        # The only buffers are the loss centers, kept equal by their own all_reduce: no need to
-        # broadcast them every forward (they are equal at init anyway).
-        forward_sync_buffers=False,
+        **_no_forward_buffer_sync(),
     )
     if cfg.reduce_dtype == "bfloat16":
         ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
     elif cfg.reduce_dtype == "float16":
         ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
     return ddp
+
+
+def _no_forward_buffer_sync() -> dict[str, bool]:
+    """DDP's option for not broadcasting buffers before every forward: the only buffers are the
+    loss centers, kept equal by their own all_reduce (and equal at init). Newer PyTorch names it
+    `forward_sync_buffers` (and deprecates `broadcast_buffers=False`, which also skips the
+    broadcast at init); older releases have only `broadcast_buffers`."""
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def _apply_fsdp(model: nn.Module, cfg: DistributedConfig, env: DistEnv) -> None:
