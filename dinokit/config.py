@@ -223,9 +223,11 @@ class DistributedConfig:
     valid on one rank. `param_dtype`: the dtype FSDP gathers parameters in for compute (the
     optimizer keeps float32 master weights); DDP needs float32 (use `train.autocast` there).
     `reduce_dtype`: the dtype gradients are reduced in (FSDP reduce-scatter; DDP via a
-    compression hook)."""
+    compression hook). `backend`: the process group's; `auto` is nccl on CUDA, gloo on CPU, and
+    `nccl` on a machine without usable CUDA is an error instead of a CPU run."""
 
     strategy: Literal["none", "ddp", "fsdp"] = "ddp"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     reduce_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
@@ -246,6 +248,9 @@ class TrainConfig:
     packing: Literal["auto"] | bool = "auto"
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, more time
     compile: bool = False  # torch.compile each block of student and teacher (slow first step)
+    # CUDA only: float32 matmuls and convolutions on TF32 tensor cores (10-bit mantissa inputs,
+    # float32 accumulation), PyTorch's "high" matmul precision. No effect on CPU.
+    tf32: bool = True
     # Continued pretraining (docs/finetuning.md): the first `head_warmup_steps` train only the
     # heads (student backbone frozen, so the teacher backbone stays equal to it); then the
     # backbone's lr ramps linearly from 0 over `backbone_lr_warmup_steps`.

@@ -39,7 +39,7 @@ def _run_steps(model: DistillModel, cfg, batches) -> None:
     schedules = build_schedules(**schedule_args(cfg))
     model.train()
     for i, batch in enumerate(batches):
-        train_step(model, optimizer, batch, schedules.at(i + 20), cfg, torch.device("cpu"), i + 1)
+        train_step(model, optimizer, batch, schedules.at(i + 20), cfg, torch.device("cpu"))
 
 
 def test_teacher_never_changes_and_students_are_independent(image_folder: Path, teacher_run: Path) -> None:  # noqa: F811

@@ -6,6 +6,7 @@ None of them changes what is computed, only how (up to float rounding); `bench/p
     train.packing=auto|true|false        # student crops through the blocks as one packed sequence
     train.activation_checkpointing=true  # per block, recomputed in the backward pass
     train.compile=true                   # torch.compile every block of student and teacher
+    train.tf32=true                      # CUDA: float32 matmuls / convolutions on TF32 tensor cores
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING, TypeVar
 from dinokit.config import TrainConfig
 
 if TYPE_CHECKING:
+    import torch
+
     from dinokit.train.distill import DistillModel
     from dinokit.train.ssl_model import SSLModel
 
@@ -35,6 +38,19 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def configure_float32_math(device: "torch.device", tf32: bool) -> None:
+    """On CUDA, let float32 matmuls and cuDNN convolutions use TF32 (`train.tf32`): PyTorch's
+    default keeps them in full float32, which leaves an Ampere-or-later GPU's tensor cores idle
+    in fp32 runs. Autocast runs are unaffected (their matmuls are bf16 / fp16). Nothing changes on
+    CPU, where "high" precision could mean bfloat16 passes in oneDNN."""
+    import torch
+
+    if device.type != "cuda":
+        return
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 def apply_compute_options(model: M, train: TrainConfig) -> M:

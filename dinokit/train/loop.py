@@ -16,11 +16,16 @@ Under torchrun (see docs/distributed.md) every rank runs this same loop: `optim.
 GLOBAL batch, each rank loads `batch_size / world_size` images of the world-size-independent global
 sample stream, the model is wrapped by `dinokit.distributed.parallelize` (DDP or FSDP2), the
 logged losses are means over ranks, and only rank 0 logs, writes metrics and exports.
+
+The step reads nothing back to the host: loss terms and health signals stay on the device until
+the loop logs them (every `train.log_every` steps and before every checkpoint), where they are
+checked for NaN / inf and written to metrics.jsonl, one line per step.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import random
@@ -63,9 +68,10 @@ from dinokit.data.masking import MaskingGenerator
 from dinokit.data.transforms import MultiCropAugmentation
 from dinokit.distributed import DTYPES, DistEnv, distributed_env, parallelize, reduce_sum
 from dinokit.distributed.env import resolve_device
+from dinokit.machine import machine_info
 from dinokit.checkpoint.sources import TrainedWeights, read_weights
 from dinokit.models.vision_transformer import resize_pos_embed
-from dinokit.train.compute import apply_compute_options
+from dinokit.train.compute import apply_compute_options, configure_float32_math, packing_enabled
 from dinokit.train.distill import (
     DistillModel,
     build_distill_model,
@@ -77,7 +83,7 @@ from dinokit.train.metrics import MetricsLog
 from dinokit.train.online_knn import OnlineKNN
 from dinokit.train.optim import apply_schedule, build_optimizer, clip_grad_norm_
 from dinokit.train.schedules import build_schedules
-from dinokit.train.ssl_model import LossArgs, SSLModel, collapse_reasons, health_signals
+from dinokit.train.ssl_model import HEALTH_SIGNALS, LossArgs, SSLModel, collapse_reasons, health_tensor
 
 __all__ = ["NonFiniteLossError", "TrainResult", "build_model", "phase_config", "resolve_device", "train", "train_step"]
 
@@ -90,7 +96,7 @@ RESUMABLE_CHANGES = {
     "checkpoint.every", "checkpoint.keep", "eval.knn_every", "eval.knn_train", "eval.knn_val",
     "eval.knn_train_size", "eval.knn_val_size", "eval.knn_k", "train.distributed.strategy",
     # Compute savers change speed and memory, not the numbers.
-    "train.compile", "train.activation_checkpointing",
+    "train.compile", "train.activation_checkpointing", "train.tf32", "train.distributed.backend",
 }
 # Stream tag of the per-rank training RNG seed (the loader uses 1 and 2).
 _RANK_RNG_STREAM = 3
@@ -145,9 +151,10 @@ def build_model(cfg: Config, run_dir: Path | None = None,
 
 
 def build_loader(cfg: Config, dataset: Any, start_index: int, rank: int = 0, world_size: int = 1,
-                 dtype: torch.dtype = torch.float32) -> Iterator[dict[str, Any]]:
+                 dtype: torch.dtype = torch.float32, pin_memory: bool = False) -> Iterator[dict[str, Any]]:
     """This rank's batches: `optim.batch_size / world_size` images each, from global sample
-    `start_index` (the number consumed by all ranks so far) on; crops cast to `dtype`."""
+    `start_index` (the number consumed by all ranks so far) on; crops cast to `dtype`, in pinned
+    memory when `pin_memory` (CUDA: the copy to the GPU is then asynchronous)."""
     c = cfg.crops
     transform = MultiCropAugmentation(
         global_crops_size=c.global_size,
@@ -184,6 +191,7 @@ def build_loader(cfg: Config, dataset: Any, start_index: int, rank: int = 0, wor
         rank=rank,
         world_size=world_size,
         batch_transform=batch_transform,
+        pin_memory=pin_memory,
     )
     return iter(loader)
 
@@ -207,6 +215,16 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def _batch_counts(batch: dict[str, Any], env: DistEnv) -> tuple[int, int]:
+    """(images skipped by all ranks, ranks whose whole batch failed to decode). The loader counts
+    on the host; several ranks add their counts in one all_reduce of a CPU tensor over the host
+    group (gloo), which never waits for the GPU."""
+    counts = [int(batch.get("n_skipped", 0)), int(batch.get("n_images", 1) == 0)]
+    if env.world_size > 1:
+        counts = reduce_sum(torch.tensor(counts), group=env.host_group).tolist()
+    return counts[0], counts[1]
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -245,30 +263,22 @@ def train_step(
     sched: dict[str, float],
     cfg: Config,
     device: torch.device,
-    step_number: int = 0,
-    run_dir: Path | None = None,
     *,
     forward: nn.Module | None = None,
     env: DistEnv | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """One optimisation step: schedules -> forward -> finite check -> backward -> clip -> AdamW -> EMA.
+    """One optimisation step: schedules -> forward -> backward -> clip -> AdamW -> EMA.
 
     `forward` is the module to call for the loss (the DDP wrapper; default `model`). Returns the
-    detached loss terms, averaged over ranks, and the teacher targets of this rank's batch.
+    detached loss terms, averaged over ranks, and the teacher targets of this rank's batch. The
+    step reads nothing back to the host (no `.item()`, no finiteness branch), so a GPU never
+    waits for the CPU; the loop checks the terms for NaN / inf when it logs them, before any
+    checkpoint (`_StepRecords.flush`).
     """
     apply_schedule(optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"], sched.get("backbone_lr_scale", 1.0))
     with _autocast(cfg, device):
         terms, targets = (forward or model)(batch, sched["teacher_temp"])
-    # Checked on the rank mean, so that every rank sees a NaN of any rank and all stop together.
     reported = _mean_over_ranks(terms, env)
-    for name, value in reported.items():
-        if not torch.isfinite(value):
-            last = latest_checkpoint(run_dir) if run_dir is not None else None
-            raise NonFiniteLossError(
-                f"loss term '{name}' is {value.item()} at step {step_number}; the run stops here. "
-                f"Last good checkpoint: {last or 'none'}. Lower optim.base_lr, "
-                f"raise teacher.warmup_teacher_temp_epochs or use train.autocast=none."
-            )
     optimizer.zero_grad(set_to_none=True)
     terms["total"].backward()
     if cfg.optim.clip_grad > 0:
@@ -280,11 +290,65 @@ def train_step(
     return reported, targets
 
 
+@dataclass
+class _StepRecord:
+    """What the loop keeps of a step until it is logged: host values, and device tensors (the
+    rank-mean loss terms, rank 0's health signals) that are read back at the next flush."""
+
+    step: int
+    terms: Tensor  # (n_terms,), names in _StepRecords.names
+    health: Tensor | None
+    host: dict[str, Any]
+
+
+class _StepRecords:
+    """Steps since the last log: one device-to-host copy per flush instead of several per step.
+
+    Flushed every `train.log_every` steps, before every checkpoint, at online k-NN steps and at
+    the end: the loss terms are checked (every rank holds the same rank means, so all ranks stop
+    together), the metrics lines written in order, and a NaN / inf raises `NonFiniteLossError`
+    naming the first bad step, after the lines of the good steps before it."""
+
+    def __init__(self) -> None:
+        self.pending: list[_StepRecord] = []
+        self.names: list[str] = []
+
+    def add(self, step: int, terms: dict[str, Tensor], health: Tensor | None, host: dict[str, Any]) -> None:
+        self.names = list(terms)
+        self.pending.append(_StepRecord(step, torch.stack(list(terms.values())), health, host))
+
+    def flush(self, run_dir: Path) -> tuple[list[dict[str, Any]], NonFiniteLossError | None]:
+        """The pending steps as metrics records (oldest first), up to the first step with a
+        non-finite term, and the error to raise for that step (None when all are finite)."""
+        if not self.pending:
+            return [], None
+        pending, self.pending = self.pending, []
+        values = torch.stack([r.terms for r in pending]).float().cpu().tolist()  # the one sync
+        health = [r.health for r in pending if r.health is not None]
+        health_values = torch.stack(health).float().cpu().tolist() if health else []
+        records: list[dict[str, Any]] = []
+        h = iter(health_values)
+        for r, row in zip(pending, values):
+            bad = [n for n, v in zip(self.names, row) if not math.isfinite(v)]
+            if bad:
+                last = latest_checkpoint(run_dir)
+                return records, NonFiniteLossError(
+                    f"loss term '{bad[0]}' is {row[self.names.index(bad[0])]} at step {r.step}; the run stops "
+                    f"here. Last good checkpoint: {last or 'none'}. Lower optim.base_lr, raise "
+                    f"teacher.warmup_teacher_temp_epochs or use train.autocast=none.")
+            terms = dict(zip(self.names, row))
+            record: dict[str, Any] = {"step": r.step, "loss": terms.pop("total"), **terms, **r.host}
+            if r.health is not None:
+                record.update(zip(HEALTH_SIGNALS, next(h)))
+            records.append(record)
+        return records, None
+
+
 def train(cfg: Config, run_dir: Path) -> TrainResult:
     """Train (or resume) the run in `run_dir` with `cfg`; returns when `max_steps` or the end of
     the schedule is reached. Raises `NonFiniteLossError` on a NaN / inf loss. Under torchrun (or
     with a process group already started) every rank calls it."""
-    with distributed_env(cfg.train.device) as env:
+    with distributed_env(cfg.train.device, cfg.train.distributed.backend) as env:
         return _train(cfg, Path(run_dir), env)
 
 
@@ -327,7 +391,12 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
     crops_dtype = DTYPES[dist_cfg.param_dtype] if fsdp else torch.float32
     in_phase = phase is not None and progress.step > phase  # a checkpoint at the switch step predates it
     run_cfg = phase_config(cfg) if in_phase else cfg
-    batches = build_loader(run_cfg, dataset, progress.samples_consumed, env.rank, env.world_size, crops_dtype)
+    pin_memory = env.device.type == "cuda"
+    configure_float32_math(env.device, cfg.train.tf32)
+    if env.is_main:
+        _record_launch(cfg, run_dir, env, progress.step, crops_dtype, pin_memory)
+    batches = build_loader(run_cfg, dataset, progress.samples_consumed, env.rank, env.world_size, crops_dtype,
+                           pin_memory)
     if online_knn is not None and in_phase:
         online_knn.set_image_size(run_cfg.crops.global_size)
     if resume_rng is not None:
@@ -341,9 +410,41 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
     warmup_steps = cfg.optim.warmup_epochs * cfg.optim.epoch_length
     last_warning = -(10**9)
     frozen: bool | None = None
+    records = _StepRecords()
 
     def checkpoint_due(done: int) -> bool:
         return done % cfg.checkpoint.every == 0 or done == stop
+
+    def flush(knn: dict[str, float] | None = None) -> None:
+        """Read the pending steps back, check them, write their metrics lines and log."""
+        nonlocal loss_value, last_warning
+        lines, error = records.flush(run_dir)
+        for record in lines:
+            if "koleo" in record:
+                record["koleo_value"] = record["koleo"] / cfg.loss.koleo_weight  # unweighted
+            if knn is not None and record is lines[-1]:
+                record.update(knn)
+            loss_value = record["loss"]
+            if metrics is not None:
+                metrics.write(record)  # before any checkpoint: a kill in between loses no line
+        if error is not None:
+            raise error
+        if not lines or not env.is_main:
+            return
+        last = lines[-1]
+        if knn is not None:
+            log.info("step %d: online k-NN top-1 %.2f %%", last["step"], last["knn_top1"])
+        # Early steps look collapsed by construction (a fresh teacher maps every image to nearly
+        # the same output), so warnings start after the lr warmup.
+        reasons = collapse_reasons(last) if "teacher_entropy" in last else []
+        if reasons and last["step"] > warmup_steps and last["step"] - last_warning >= 100:
+            log.warning("step %d: collapse signal: %s", last["step"], "; ".join(reasons))
+            last_warning = last["step"]
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{last['lr']:.2e}")
+        else:
+            log.info("step %d/%d loss %.4f lr %.3g %.1f img/s", last["step"], stop, loss_value, last["lr"],
+                     last["images_per_s"])
 
     try:
         while progress.step < stop:
@@ -356,7 +457,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
                     forward = wrap()  # DDP holds the old Parameter and its gradient buckets
                 del batches
                 batches = build_loader(run_cfg, dataset, progress.samples_consumed, env.rank, env.world_size,
-                                       crops_dtype)
+                                       crops_dtype, pin_memory)
                 if online_knn is not None:
                     online_knn.set_image_size(run_cfg.crops.global_size)
                 if env.is_main:
@@ -367,49 +468,37 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
                 set_backbones_frozen(model.student_backbones(), frozen)
             t0 = time.perf_counter()
             batch = next(batches)
-            # [skipped images, ranks whose whole batch failed], summed over ranks.
-            counts = reduce_sum(torch.tensor([int(batch.get("n_skipped", 0)), int(batch.get("n_images", 1) == 0)],
-                                             device=device))  # on the GPU for nccl
-            progress.skipped_images += int(counts[0])
+            skipped, empty_ranks = _batch_counts(batch, env)
+            progress.skipped_images += skipped
             progress.samples_consumed += run_cfg.optim.batch_size
-            if int(counts[1]) > 0:  # every rank skips, so the collectives stay matched
+            if empty_ranks:  # every rank skips, so the collectives stay matched
                 if env.is_main:
                     log.warning("step %d: every image of a batch failed to decode; step skipped", step + 1)
                 progress.step += 1
                 if checkpoint_due(progress.step):  # the last step's checkpoint too
+                    flush()
                     _save(run_dir, model, optimizer, progress.trainer_state(), config_yaml, cfg.checkpoint.keep, env)
                 continue
             batch = _to_device(batch, device)
             sched = schedules.at(step)
             sched["backbone_lr_scale"] = backbone_lr_scale(step, cfg.train.head_warmup_steps,
                                                            cfg.train.backbone_lr_warmup_steps)
-            terms, targets = train_step(model, optimizer, batch, sched, cfg, device, step + 1, run_dir,
-                                        forward=forward, env=env)
+            terms, targets = train_step(model, optimizer, batch, sched, cfg, device, forward=forward, env=env)
             progress.step = step = step + 1
-            knn = None
-            if cfg.eval.knn_every and step % cfg.eval.knn_every == 0:
-                knn = _online_knn(online_knn, model, cfg, env)
-            loss_value = terms["total"].item()
-            if env.is_main:
-                assert metrics is not None
-                images = batch["collated_global_crops"].shape[0] / 2 * env.world_size  # all ranks
-                record = _metrics_record(cfg, progress, terms, sched, targets, images / (time.perf_counter() - t0))
-                if knn is not None:
-                    record.update(knn)
-                    log.info("step %d: online k-NN top-1 %.2f %%", step, record["knn_top1"])
-                metrics.write(record)  # before the checkpoint: a kill in between loses no line
-                # Early steps look collapsed by construction (a fresh teacher maps every image to
-                # nearly the same output), so warnings start after the lr warmup.
-                reasons = collapse_reasons(record)
-                if reasons and step > warmup_steps and step - last_warning >= 100:
-                    log.warning("step %d: collapse signal: %s", step, "; ".join(reasons))
-                    last_warning = step
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{sched['lr']:.2e}")
-                elif step % cfg.train.log_every == 0 or step == stop:
-                    log.info("step %d/%d loss %.4f lr %.3g %.1f img/s", step, stop, loss_value, sched["lr"],
-                             record["images_per_s"])
+            images = batch["collated_global_crops"].shape[0] / 2 * env.world_size  # all ranks
+            host = {"lr": sched["lr"], "wd": sched["wd"], "momentum": sched["momentum"],
+                    "teacher_temp": sched["teacher_temp"], "images_per_s": images / (time.perf_counter() - t0),
+                    "skipped_images": progress.skipped_images}
+            if cfg.init.backbone:
+                host["backbone_lr_scale"] = sched["backbone_lr_scale"]
+            records.add(step, terms, health_tensor(targets) if env.is_main else None, host)  # rank 0's batch
+            if bar is not None:
+                bar.update(1)
+            knn_step = cfg.eval.knn_every > 0 and step % cfg.eval.knn_every == 0
+            knn = _online_knn(online_knn, model, cfg, env) if knn_step else None  # rank 0's result
+            # The same steps on every rank, so that a NaN stops all ranks at the same step.
+            if knn_step or step % cfg.train.log_every == 0 or checkpoint_due(step):
+                flush(knn)
             if checkpoint_due(step):
                 _save(run_dir, model, optimizer, progress.trainer_state(), config_yaml, cfg.checkpoint.keep, env)
     finally:
@@ -482,26 +571,46 @@ def _restore(cfg: Config, run_dir: Path, model: nn.Module, optimizer: torch.opti
     return progress, state["rng"]
 
 
-def _metrics_record(cfg: Config, progress: _Progress, terms: dict[str, Tensor], sched: dict[str, float],
-                    targets: dict[str, Tensor], images_per_s: float) -> dict[str, Any]:
-    """One line of metrics.jsonl: loss terms, schedule values, speed, skips and health signals."""
+def launch_record(cfg: Config, env: DistEnv, step: int, crops_dtype: torch.dtype,
+                  pin_memory: bool) -> dict[str, Any]:
+    """What runs where in this (re)start of a run: device, world size, backend, precision and
+    batch per rank, as logged at start and appended to the run folder's launches.jsonl."""
+    device = env.device
     record: dict[str, Any] = {
-        "step": progress.step,
-        "loss": terms["total"].item(),
-        **{k: v.item() for k, v in terms.items() if k != "total"},
-        "lr": sched["lr"],
-        "wd": sched["wd"],
-        "momentum": sched["momentum"],
-        "teacher_temp": sched["teacher_temp"],
-        "images_per_s": images_per_s,
-        "skipped_images": progress.skipped_images,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "start_step": step,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else machine_info()["cpu"],
+        "world_size": env.world_size,
+        "backend": env.backend if env.distributed else "none",
+        "strategy": cfg.train.distributed.strategy if env.distributed else "none",
+        "autocast": cfg.train.autocast,
+        "param_dtype": cfg.train.distributed.param_dtype if env.distributed else "float32",
+        "reduce_dtype": cfg.train.distributed.reduce_dtype if env.distributed else "float32",
+        "crops_dtype": str(crops_dtype).removeprefix("torch."),
+        "tf32": cfg.train.tf32 and device.type == "cuda",
+        "global_batch": cfg.optim.batch_size,
+        "batch_per_rank": cfg.optim.batch_size // env.world_size,
+        "loader_workers": cfg.data.num_workers,
+        "pin_memory": pin_memory,
+        "packing": packing_enabled(cfg.train),
+        "compile": cfg.train.compile,
+        "activation_checkpointing": cfg.train.activation_checkpointing,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "threads": torch.get_num_threads(),
     }
-    if cfg.init.backbone:
-        record["backbone_lr_scale"] = sched["backbone_lr_scale"]
-    record.update(health_signals(targets))  # of rank 0's batch
-    if "koleo" in terms:
-        record["koleo_value"] = terms["koleo"].item() / cfg.loss.koleo_weight  # unweighted
     return record
+
+
+def _record_launch(cfg: Config, run_dir: Path, env: DistEnv, step: int, crops_dtype: torch.dtype,
+                   pin_memory: bool) -> None:
+    record = launch_record(cfg, env, step, crops_dtype, pin_memory)
+    log.info("run: %s on %s (%s), %d process(es), backend %s, %s, autocast %s, batch %d per rank (%d in all)",
+             run_dir, record["device"], record["device_name"], record["world_size"], record["backend"],
+             record["strategy"], record["autocast"], record["batch_per_rank"], record["global_batch"])
+    with open(run_dir / "launches.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def phase_config(cfg: Config) -> Config:

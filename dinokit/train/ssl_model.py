@@ -264,7 +264,25 @@ UNIFORM_ENTROPY = 0.98
 EQUAL_FEATURES_STD = 0.05
 
 
+HEALTH_SIGNALS = ("teacher_entropy", "prototypes_used", "feature_std")
+
+
 @torch.no_grad()
+def health_tensor(targets: dict[str, Tensor]) -> Tensor:
+    """The values of `health_signals` as one float32 tensor on the targets' device, computed
+    without a host sync (no `.item()`, no `unique`), so the step can record it and read it later."""
+    probs = targets["dino"].flatten(0, 1).float()
+    k = probs.shape[-1]
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean() / math.log(k)
+    used = torch.zeros(k, device=probs.device).index_fill_(0, probs.argmax(-1), 1.0).sum()
+    feats = torch.nn.functional.normalize(targets["global_cls"].float(), dim=-1)
+    if feats.shape[0] > 1:
+        std = feats.std(0).mean() * math.sqrt(feats.shape[-1])
+    else:
+        std = torch.zeros((), device=feats.device)
+    return torch.stack([entropy, used, std])
+
+
 def health_signals(targets: dict[str, Tensor]) -> dict[str, float]:
     """Label-free collapse signals of one batch.
 
@@ -275,13 +293,7 @@ def health_signals(targets: dict[str, Tensor]) -> dict[str, float]:
     - `feature_std`: std over the batch of the L2-normalised student [CLS], averaged over dims
       and multiplied by sqrt(D) (about 1 for well spread features, 0 when all are equal).
     """
-    probs = targets["dino"].flatten(0, 1).float()
-    k = probs.shape[-1]
-    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean() / math.log(k)
-    used = probs.argmax(-1).unique().numel()
-    feats = torch.nn.functional.normalize(targets["global_cls"].float(), dim=-1)
-    std = feats.std(0).mean() * math.sqrt(feats.shape[-1]) if feats.shape[0] > 1 else torch.tensor(0.0)
-    return {"teacher_entropy": float(entropy), "prototypes_used": float(used), "feature_std": float(std)}
+    return dict(zip(HEALTH_SIGNALS, health_tensor(targets).tolist()))
 
 
 def collapse_reasons(health: dict[str, float]) -> list[str]:
