@@ -409,3 +409,19 @@ def test_curate_demo_refuses_a_folder_that_holds_files(tmp_path: Path) -> None:
     proc = subprocess.run(["bash", str(script), str(out), "pixels:28"], capture_output=True, text=True, check=False)
     assert proc.returncode == 2 and "not an empty folder" in proc.stderr
     assert (out / "notes.txt").read_text() == "keep"
+
+
+def test_faiss_gpu_is_explicit_and_ivf_pq_sizes_are_checked_for_it() -> None:
+    import faiss
+
+    from dinokit.curate.index import CurateError, choose_index, gpu_supports_pq, use_gpu
+
+    assert use_gpu(None) is False and use_gpu(False) is False  # never automatic
+    if faiss.get_num_gpus() == 0:
+        with pytest.raises(CurateError, match="--gpu: this Faiss build sees no GPU"):
+            use_gpu(True)
+    assert gpu_supports_pq(384, 96) and gpu_supports_pq(768, 48) and gpu_supports_pq(128, 32)
+    assert not gpu_supports_pq(1536, 384)  # ViT-g at D / 4 bytes: over faiss-gpu's 96
+    assert not gpu_supports_pq(384, 6)  # 64 dimensions per sub-quantizer: over 32
+    assert not gpu_supports_pq(100, 20)  # 20 bytes, but 5 dimensions each
+    assert choose_index(10_000_000, 1536).pq_m == 384  # the CPU plan is unchanged: kept on the CPU

@@ -153,3 +153,15 @@ def test_the_loop_reads_back_only_when_it_logs(images: Path, tmp_path: Path, hos
     assert [r["step"] for r in lines] == list(range(1, 13))
     assert all({"loss", "ibot", "teacher_entropy", "prototypes_used", "feature_std"} <= r.keys() for r in lines)
     assert [r["loss"] for r in read_metrics(tmp_path / "six")] == [r["loss"] for r in lines[:6]]
+
+
+def test_loader_shared_memory_is_bounded_and_checked(tmp_path: Path) -> None:
+    from dinokit.data.loader import check_shared_memory, shared_memory_per_worker
+
+    # vits14 crops (2 x 224 + 8 x 98), 128 images per GPU, float32, 2 batches in flight.
+    per_worker = shared_memory_per_worker(128, 224, 98, 8)
+    assert per_worker == 2 * 128 * 3 * (2 * 224**2 + 8 * 98**2) * 4  # about 519 MiB
+    assert check_shared_memory(0, per_worker, str(tmp_path)) is None  # no workers: nothing shared
+    assert check_shared_memory(1, 1024, str(tmp_path)) is None
+    warning = check_shared_memory(10, 2**62, str(tmp_path))
+    assert warning is not None and "10 loader worker(s)" in warning and "--shm-size" in warning

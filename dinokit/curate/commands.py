@@ -93,8 +93,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder of this stage")
     p.add_argument("--after", nargs="+", default=[], help="stage folders: only the images they all kept")
     p.add_argument("--seed", type=int, default=0, help="samples, k-means")
-    p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
-                   help="Faiss on GPU (default: when this Faiss build sees one)")
+    p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=False,
+                   help="Faiss on GPUs (needs faiss-gpu; default: CPU, even where faiss sees a GPU)")
 
 
 def _index_options(p: argparse.ArgumentParser) -> None:

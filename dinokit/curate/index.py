@@ -15,9 +15,11 @@ Index choice (`choose_index`, `--index auto`), by the number of indexed vectors 
 - larger: `IndexIVFPQ` (D / 4 sub-quantisers of 8 bits: 96 bytes per 384-d vector instead of
   1,536), the only one whose memory fits at hundreds of millions.
 
-IVF coarse centroids are trained on a seeded sample of at most 64 * nlist vectors. On a machine
-with Faiss GPU support (faiss-gpu) and a visible GPU, indexes are copied to all GPUs for search
-and k-means runs there (`use_gpu`); faiss-cpu, what dinokit depends on, has no GPU code.
+IVF coarse centroids are trained on a seeded sample of at most 64 * nlist vectors. With `--gpu`
+(never by default) and a Faiss build with GPU support (faiss-gpu), indexes are copied to all GPUs
+for search and k-means runs there (`use_gpu`); faiss-cpu, what dinokit depends on, has no GPU
+code. faiss-gpu's IVF-PQ takes only some code sizes (`gpu_supports_pq`); an IVF-PQ index outside
+them stays on the CPU, with a message.
 
 Example:
     >>> emb = Embeddings("pool_emb/")                 # written by `dinokit curate embed`
@@ -235,12 +237,26 @@ def choose_index(n: int, dim: int, kind: str = "auto", nprobe: int | None = None
 
 
 def use_gpu(gpu: bool | None = None) -> bool:
-    """Whether to run Faiss on GPUs: `gpu` if given (True without GPUs is an error), else when
-    this Faiss build sees one."""
+    """Whether to run Faiss on GPUs: only when asked (`--gpu`), since a GPU index behaves
+    differently (memory, supported code sizes, float16 tables); asking without a GPU is an error."""
+    if not gpu:
+        return False
     n = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    if gpu and n == 0:
+    if n == 0:
         raise CurateError("--gpu: this Faiss build sees no GPU (faiss-cpu has no GPU code; install faiss-gpu)")
-    return bool(n) if gpu is None else gpu
+    return True
+
+
+# faiss-gpu's IVF-PQ (GpuIndexIVFPQ): bytes per code and dimensions per sub-quantizer it supports;
+# above 48 bytes per code the lookup tables must be float16 to fit the GPU's shared memory.
+GPU_PQ_BYTES = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
+GPU_PQ_SUB_DIMS = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32)
+GPU_PQ_FLOAT32_TABLES_MAX = 48
+
+
+def gpu_supports_pq(dim: int, pq_m: int) -> bool:
+    """Whether faiss-gpu can hold an IVF-PQ index of `pq_m` 8-bit codes on `dim`-d vectors."""
+    return pq_m in GPU_PQ_BYTES and dim % pq_m == 0 and dim // pq_m in GPU_PQ_SUB_DIMS
 
 
 def _sample_positions(n: int, size: int, seed: int) -> np.ndarray:
@@ -270,7 +286,13 @@ def build_index(emb: Embeddings | ArrayEmbeddings, plan: IndexPlan | None = None
     for _, x in emb.iter_batches():
         index.add(x)
     if use_gpu(gpu):  # pragma: no cover - needs faiss-gpu and a GPU
-        index = faiss.index_cpu_to_all_gpus(index)
+        if plan.kind == "ivf_pq" and not gpu_supports_pq(emb.dim, plan.pq_m):
+            print(f"curate: IVF-PQ with {plan.pq_m} bytes per code on {emb.dim}-d vectors is not supported by "
+                  f"faiss-gpu; this index stays on the CPU", flush=True)
+            return index, plan
+        options = faiss.GpuMultipleClonerOptions()
+        options.useFloat16 = plan.kind == "ivf_pq" and plan.pq_m > GPU_PQ_FLOAT32_TABLES_MAX
+        index = faiss.index_cpu_to_all_gpus(index, co=options)
         if plan.kind != "flat":
             faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", plan.nprobe)
     return index, plan

@@ -31,7 +31,9 @@ Example:
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -43,7 +45,8 @@ from dinokit.data.datasets import MultiCropDataset
 from dinokit.data.masking import MaskingGenerator
 from dinokit.data.sampler import ResumableRandomSampler
 
-__all__ = ["MultiCropCollate", "PositionBatchSampler", "derive_seed", "make_train_loader"]
+__all__ = ["MultiCropCollate", "PositionBatchSampler", "check_shared_memory", "derive_seed", "make_train_loader",
+           "shared_memory_per_worker"]
 
 _MASK64 = (1 << 64) - 1
 # Stream tags, so the augmentation and mask seeds of one position are unrelated.
@@ -195,6 +198,29 @@ class MultiCropCollate:
         out["labels"] = torch.tensor([int(s[1]) for s in samples], dtype=torch.long)
         out["positions"] = torch.tensor(positions, dtype=torch.long)
         return out
+
+
+def shared_memory_per_worker(batch: int, global_size: int, local_size: int, local_number: int,
+                             bytes_per_value: int = 4, prefetch_factor: int = 2) -> int:
+    """Bytes of shared memory (/dev/shm) one loader worker holds at most: `prefetch_factor`
+    collated batches of crops in flight (DataLoader's default 2), each 2 global and
+    `local_number` local crops of `batch` images. Masks and indices are small beside them."""
+    values = 3 * (2 * global_size**2 + local_number * local_size**2)
+    return prefetch_factor * batch * values * bytes_per_value
+
+
+def check_shared_memory(workers: int, per_worker: int, path: str = "/dev/shm") -> str | None:
+    """A warning when `workers` loader workers need more shared memory than `path` has free
+    (containers often give 64 MiB), else None."""
+    if workers == 0 or not os.path.isdir(path):
+        return None
+    free = shutil.disk_usage(path).free
+    need = workers * per_worker
+    if need <= free:
+        return None
+    return (f"{workers} loader worker(s) need up to {need / 2**20:,.0f} MiB of shared memory for batches in "
+            f"flight, but {path} has {free / 2**20:,.0f} MiB free: workers may die with a bus error. Give the "
+            f"container more (docker --shm-size), or lower data.num_workers or the batch per process.")
 
 
 def make_train_loader(

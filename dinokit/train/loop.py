@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -63,7 +64,7 @@ from dinokit.config import (
 )
 from dinokit.data.datasets import FashionMNIST, FileListDataset, ImageFolderDataset
 from dinokit.data.batch_augment import BatchMultiCrop, SourceImage
-from dinokit.data.loader import derive_seed, make_train_loader
+from dinokit.data.loader import check_shared_memory, derive_seed, make_train_loader, shared_memory_per_worker
 from dinokit.data.masking import MaskingGenerator
 from dinokit.data.transforms import MultiCropAugmentation
 from dinokit.distributed import DTYPES, DistEnv, distributed_env, parallelize, reduce_sum
@@ -395,6 +396,13 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
     configure_float32_math(env.device, cfg.train.tf32)
     if env.is_main:
         _record_launch(cfg, run_dir, env, progress.step, crops_dtype, pin_memory)
+    c, per_rank = run_cfg.crops, run_cfg.optim.batch_size // env.world_size
+    per_worker = shared_memory_per_worker(per_rank, c.global_size, c.local_size, c.local_number,
+                                          torch.finfo(crops_dtype).bits // 8)
+    # Every process on a machine shares its /dev/shm: count the workers of all local ranks.
+    shm_warning = check_shared_memory(cfg.data.num_workers * int(os.environ.get("LOCAL_WORLD_SIZE", "1")), per_worker)
+    if shm_warning and env.local_rank == 0:
+        log.warning("%s", shm_warning)
     batches = build_loader(run_cfg, dataset, progress.samples_consumed, env.rank, env.world_size, crops_dtype,
                            pin_memory)
     if online_knn is not None and in_phase:
