@@ -195,6 +195,11 @@ class OptimConfig:
     clip_grad: float = 3.0  # 0 disables clipping
     adamw_beta1: float = 0.9
     adamw_beta2: float = 0.999
+    # Micro-batches per step on each rank: the teacher sees the rank's whole batch (targets,
+    # Sinkhorn-Knopp and centering as without accumulation), the student runs and back-propagates
+    # one micro-batch at a time, so a global batch fits on fewer GPUs. Equal to the unsplit step
+    # up to float rounding, except KoLeo, whose neighbours are sought within each micro-batch.
+    accumulation_steps: int = 1
 
     @property
     def lr(self) -> float:
@@ -703,10 +708,19 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     need(o.batch_size >= 1, f"optim.batch_size must be >= 1, got {o.batch_size}")
     need(world_size >= 1 and o.batch_size % max(world_size, 1) == 0,
          f"optim.batch_size ({o.batch_size}) must be divisible by the number of ranks ({world_size})")
+    need(o.accumulation_steps >= 1, f"optim.accumulation_steps must be >= 1, got {o.accumulation_steps}")
+    k = max(o.accumulation_steps, 1)
+    for key, batch in (("optim.batch_size", o.batch_size), ("highres.batch_size", cfg.highres.batch_size)):
+        if batch and k > 1:
+            need(batch % (max(world_size, 1) * k) == 0,
+                 f"{key} ({batch}) must be divisible by the number of ranks ({world_size}) times "
+                 f"optim.accumulation_steps ({k})")
+    need(k == 1 or not cfg.distill.teacher, "optim.accumulation_steps > 1 is not supported with distill.teacher")
     if lo.koleo_weight > 0:
-        per_rank = o.batch_size // max(world_size, 1)
-        need(per_rank >= 2, f"optim.batch_size: KoLeo (loss.koleo_weight > 0) needs >= 2 images per rank, "
-             f"got {per_rank} (global batch {o.batch_size}, {world_size} rank(s))")
+        per_rank = o.batch_size // max(world_size, 1) // k
+        need(per_rank >= 2, f"optim.batch_size: KoLeo (loss.koleo_weight > 0) needs >= 2 images per rank and "
+             f"micro-batch, got {per_rank} (global batch {o.batch_size}, {world_size} rank(s), "
+             f"{k} micro-batch(es))")
     need(o.epochs >= 1, f"optim.epochs must be >= 1, got {o.epochs}")
     need(o.epoch_length >= 1, f"optim.epoch_length must be >= 1, got {o.epoch_length}")
     need(o.base_lr > 0, f"optim.base_lr must be > 0, got {o.base_lr}")

@@ -112,6 +112,7 @@ def runs(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     r["1to2"] = _rewind(r["single"], root / "1to2", 2)
     r["fsdp_resumed"] = root / "fsdp_resumed"
     r["koleo"] = root / "koleo"
+    r["ddp_accum"], r["fsdp_accum"] = root / "ddp_accum", root / "fsdp_accum"
     steps = f"train.max_steps={STEPS}"
     _run_2_ranks([
         (_overrides(image_folder, steps, "train.distributed.strategy=ddp"), r["ddp"]),
@@ -122,6 +123,12 @@ def runs(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
         (_overrides(image_folder, "train.max_steps=2", "train.distributed.strategy=fsdp"), r["fsdp_resumed"]),
         (_overrides(image_folder, steps, "train.distributed.strategy=fsdp"), r["fsdp_resumed"]),
         (_overrides(image_folder, *KOLEO_ON), r["koleo"]),
+        # Gradient accumulation: 2 micro-batches of 2 images per rank (DDP without gradient
+        # sync until the last one; FSDP reduce-scatters each).
+        (_overrides(image_folder, steps, "train.distributed.strategy=ddp", "optim.accumulation_steps=2"),
+         r["ddp_accum"]),
+        (_overrides(image_folder, steps, "train.distributed.strategy=fsdp", "optim.accumulation_steps=2"),
+         r["fsdp_accum"]),
     ])
     # 2 -> 1: the 2-rank FSDP checkpoint of step 2 continued by one process.
     r["2to1"] = _rewind(r["fsdp"], root / "2to1", 2)
@@ -129,7 +136,7 @@ def runs(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     return r
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "ddp_accum", "fsdp_accum"])
 def test_two_ranks_match_one_process_at_the_same_global_batch(runs: dict[str, Path], strategy: str) -> None:
     single, multi = _terms(runs["single"]), _terms(runs[strategy])
     assert len(multi["loss"]) == STEPS and np.all(np.isfinite(multi["loss"]))

@@ -39,6 +39,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from dinokit.checkpoint.training import (
     checkpoint_step,
@@ -72,6 +73,8 @@ from dinokit.distributed.env import resolve_device
 from dinokit.machine import machine_info
 from dinokit.checkpoint.sources import TrainedWeights, read_weights
 from dinokit.models.vision_transformer import resize_pos_embed
+from dinokit.train.accumulate import MicroBatch, micro_targets, split_batch
+from dinokit.train.accumulate import to_device as micro_to_device
 from dinokit.train.compute import apply_compute_options, configure_float32_math, packing_enabled
 from dinokit.train.distill import (
     DistillModel,
@@ -267,21 +270,27 @@ def train_step(
     *,
     forward: nn.Module | None = None,
     env: DistEnv | None = None,
+    micro_batches: list[MicroBatch] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """One optimisation step: schedules -> forward -> backward -> clip -> AdamW -> EMA.
 
-    `forward` is the module to call for the loss (the DDP wrapper; default `model`). Returns the
+    `forward` is the module to call for the loss (the DDP wrapper; default `model`).
+    `micro_batches` (`dinokit.train.accumulate.split_batch` of `batch`, on the device): the
+    teacher sees `batch`, the student each micro-batch in turn, gradients accumulated. Returns the
     detached loss terms, averaged over ranks, and the teacher targets of this rank's batch. The
     step reads nothing back to the host (no `.item()`, no finiteness branch), so a GPU never
     waits for the CPU; the loop checks the terms for NaN / inf when it logs them, before any
     checkpoint (`_StepRecords.flush`).
     """
     apply_schedule(optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"], sched.get("backbone_lr_scale", 1.0))
-    with _autocast(cfg, device):
-        terms, targets = (forward or model)(batch, sched["teacher_temp"])
-    reported = _mean_over_ranks(terms, env)
     optimizer.zero_grad(set_to_none=True)
-    terms["total"].backward()
+    if micro_batches:
+        terms, targets = _accumulate(forward or model, batch, micro_batches, sched["teacher_temp"], cfg, device)
+    else:
+        with _autocast(cfg, device):
+            terms, targets = (forward or model)(batch, sched["teacher_temp"])
+        terms["total"].backward()
+    reported = _mean_over_ranks(terms, env)
     if cfg.optim.clip_grad > 0:
         # Per sub-model, as the official code: a huge head gradient does not shrink the backbone's.
         for module in model.trainable().values():
@@ -289,6 +298,30 @@ def train_step(
     optimizer.step()
     model.update_teacher(sched["momentum"])
     return reported, targets
+
+
+def _accumulate(forward: nn.Module, batch: dict[str, Any], micro_batches: list[MicroBatch], teacher_temp: float,
+                cfg: Config, device: torch.device) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Teacher targets of the whole batch, then forward + backward of each micro-batch with its
+    loss scaled by its share; DDP reduces gradients after the last micro-batch only. Returns the
+    share-weighted loss terms (those of the whole batch) and the targets."""
+    with torch.no_grad(), _autocast(cfg, device):
+        _, targets = forward(batch, teacher_temp, teacher_only=True)
+    terms: dict[str, Tensor] = {}
+    student_cls = []
+    for i, micro in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        no_sync = forward.no_sync() if isinstance(forward, DistributedDataParallel) and not last else nullcontext()
+        with no_sync:
+            with _autocast(cfg, device):
+                part, outputs = forward(micro.batch, teacher_temp, targets=micro_targets(targets, micro))
+            (part["total"] * micro.share).backward()
+        for name, value in part.items():
+            terms[name] = terms.get(name, 0) + value.detach() * micro.share
+        student_cls.append(outputs["global_cls"].view(2, -1, outputs["global_cls"].shape[-1]))
+    # The student's global [CLS] of the whole batch in crop-major order, for the health signals.
+    targets["global_cls"] = torch.cat(student_cls, dim=1).flatten(0, 1)
+    return terms, targets
 
 
 @dataclass
@@ -487,11 +520,14 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
                     flush()
                     _save(run_dir, model, optimizer, progress.trainer_state(), config_yaml, cfg.checkpoint.keep, env)
                 continue
+            k = cfg.optim.accumulation_steps
+            micro = [micro_to_device(m, device) for m in split_batch(batch, k)] if k > 1 else None
             batch = _to_device(batch, device)
             sched = schedules.at(step)
             sched["backbone_lr_scale"] = backbone_lr_scale(step, cfg.train.head_warmup_steps,
                                                            cfg.train.backbone_lr_warmup_steps)
-            terms, targets = train_step(model, optimizer, batch, sched, cfg, device, forward=forward, env=env)
+            terms, targets = train_step(model, optimizer, batch, sched, cfg, device, forward=forward, env=env,
+                                        micro_batches=micro)
             progress.step = step = step + 1
             images = batch["collated_global_crops"].shape[0] / 2 * env.world_size  # all ranks
             host = {"lr": sched["lr"], "wd": sched["wd"], "momentum": sched["momentum"],

@@ -216,9 +216,17 @@ class SSLModel(nn.Module):
         terms["total"] = sum(terms.values())  # type: ignore[assignment]
         return terms
 
-    def forward(self, batch: dict[str, Tensor], teacher_temp: float) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Loss terms and the teacher targets (kept for health signals)."""
-        targets = self.teacher_targets(batch, teacher_temp)
+    def forward(self, batch: dict[str, Tensor], teacher_temp: float, targets: dict[str, Tensor] | None = None,
+                teacher_only: bool = False) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Loss terms and the teacher targets (kept for health signals).
+
+        Gradient accumulation (`dinokit.train.accumulate`) calls it twice over: `teacher_only`
+        for the whole batch's targets (no loss terms), then with a micro-batch and its rows of
+        those `targets`. Both go through `forward`, so DDP's and FSDP's hooks run for either."""
+        if teacher_only:
+            return {}, self.teacher_targets(batch, teacher_temp)
+        if targets is None:
+            targets = self.teacher_targets(batch, teacher_temp)
         student = self.student_outputs(batch)
         return self.losses(batch, student, targets), {**targets, "global_cls": student["global_cls"].detach()}
 
