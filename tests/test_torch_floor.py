@@ -46,6 +46,7 @@ FLOOR_NAMES = {
     "torch.optim.AdamW", "torch.optim.Optimizer", "torch.optim.SGD", "torch.random.fork_rng",
     "torch.get_num_threads", "torch.set_float32_matmul_precision", "torch.get_float32_matmul_precision",
     "torch.version.cuda", "torch.cuda.get_device_capability", "torch.nn.Linear", "torch.nn.Module",
+    "torch.backends.cudnn.allow_tf32",
 }
 
 # Parameter names in PyTorch 2.6.
