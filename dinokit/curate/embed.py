@@ -54,7 +54,7 @@ PLAN_FILE = "plan.json"
 
 
 def dataset_paths(dataset: Dataset, spec: str, split: str) -> list[str]:
-    """A path per image: the file for file-based datasets, `SPEC:SPLIT#INDEX` for in-memory ones."""
+    """A path per image: the file for file-based datasets, `DATASET:SPLIT#INDEX` for in-memory ones."""
     n = len(dataset)  # type: ignore[arg-type]
     if hasattr(dataset, "path"):
         return [dataset.path(i) for i in range(n)]  # type: ignore[attr-defined]
