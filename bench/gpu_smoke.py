@@ -10,7 +10,8 @@ Checks:
   in one sequence) against separate forwards.
 - `train_step`: the ViT-S/14 step (2 x 224 + 8 x 98) at two batch sizes in bf16 autocast, fp32
   with TF32 and fp32 without, with peak memory (CUDA); one tiny step on CPU.
-- `loader`: images/s of per-image vs batched crops against the measured step's images/s.
+- `loader`: images/s of per-image vs batched crops against the measured step's images/s, and the
+  batched crops on the GPU (`crops.batched_on=device`) against the CPU's.
 - `cli_resume`: `dinokit train` on generated images, stopped and resumed: the resumed run's losses
   equal the uninterrupted run's.
 - `torchrun_fsdp`: 2 processes (GPUs, or CPU gloo) with FSDP2, activation checkpointing, online
@@ -177,6 +178,21 @@ def check_loader(work: Path, step_images_per_s: float | None) -> dict[str, Any]:
     out = {"crop_size": size, "per_image_images_per_s_one_process": round(per_image, 1),
            "batched_images_per_s_one_process": round(batched_rate, 1),
            "cpu_cores": os.cpu_count()}
+    # crops.batched_on=device: the same parameters, the pixels on the GPU.
+    if CUDA:
+        on_gpu = batched(sources.to(DEVICE), torch.Generator().manual_seed(1))
+        on_cpu = batched(sources, torch.Generator().manual_seed(1))
+        err = max((on_gpu[k].cpu() - on_cpu[k]).abs().max().item() for k in on_cpu)
+        out["device_crops_max_abs_err"] = err
+        assert err < 1e-3, f"batched crops on the GPU differ from the CPU's by {err:.2e}"
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(5):
+            batched(sources.to(DEVICE), torch.Generator().manual_seed(i))
+        torch.cuda.synchronize()
+        out["device_crops_images_per_s"] = round(5 * batch / (time.perf_counter() - t0), 1)
+    else:
+        out["device_crops"] = "skipped: CUDA only (on CPU it equals the loader's crops, tests/test_device_and_syncs.py)"
     if step_images_per_s:
         out["step_images_per_s"] = step_images_per_s
         out["workers_needed_per_image"] = round(step_images_per_s / per_image, 1)

@@ -114,6 +114,10 @@ class CropsConfig:
     # antialiased, so keep source_size near global_size.
     batched: bool = False
     source_size: int | None = None
+    # Where batched crops are made: `loader` (in the loader workers, float crops cross the shared
+    # memory) or `device` (uint8 sources cross it and the crops are made on the model's device,
+    # the GPU when training on one: the loader then only decodes and resizes).
+    batched_on: Literal["loader", "device"] = "loader"
 
 
 @dataclass
@@ -716,6 +720,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                  f"{key} ({batch}) must be divisible by the number of ranks ({world_size}) times "
                  f"optim.accumulation_steps ({k})")
     need(k == 1 or not cfg.distill.teacher, "optim.accumulation_steps > 1 is not supported with distill.teacher")
+    need(k == 1 or not (c.batched and c.batched_on == "device"),
+         "optim.accumulation_steps > 1 is not supported with crops.batched_on=device (use loader)")
     if lo.koleo_weight > 0:
         per_rank = o.batch_size // max(world_size, 1) // k
         need(per_rank >= 2, f"optim.batch_size: KoLeo (loss.koleo_weight > 0) needs >= 2 images per rank and "

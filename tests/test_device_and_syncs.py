@@ -165,3 +165,21 @@ def test_loader_shared_memory_is_bounded_and_checked(tmp_path: Path) -> None:
     assert check_shared_memory(1, 1024, str(tmp_path)) is None
     warning = check_shared_memory(10, 2**62, str(tmp_path))
     assert warning is not None and "10 loader worker(s)" in warning and "--shm-size" in warning
+
+
+def test_batched_crops_made_on_the_device_equal_the_loaders(images: Path, tmp_path: Path) -> None:
+    """`crops.batched_on=device`: uint8 sources cross the loader, the crops are made by the
+    training process with the loader's parameters; on the CPU the run is the same bit for bit."""
+    from dinokit.data.loader import shared_memory_per_worker, shared_memory_per_worker_sources
+
+    common = ("train.max_steps=4", "crops.batched=true", "data.num_workers=1", "checkpoint.every=4")
+    train(_cfg(images, *common), tmp_path / "loader")
+    train(_cfg(images, *common, "crops.batched_on=device"), tmp_path / "device")
+    a, b = read_metrics(tmp_path / "loader"), read_metrics(tmp_path / "device")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b] and len(a) == 4
+    launch = json.loads((tmp_path / "device" / "launches.jsonl").read_text().splitlines()[0])
+    assert launch["crops"] == "batched on the device"
+    # A quarter of the bytes or less: uint8 sources instead of float32 crops.
+    assert shared_memory_per_worker_sources(64, 28) * 4 <= shared_memory_per_worker(64, 28, 14, 2)
+    with pytest.raises(ConfigError, match="accumulation_steps > 1 is not supported with crops.batched_on=device"):
+        _cfg(images, "crops.batched=true", "crops.batched_on=device", "optim.accumulation_steps=2")

@@ -18,7 +18,9 @@ between operations (no uint8 rounding), and a crop that downsamples is not antia
 `source_size` near the global crop size; the tiny preset uses the crop size itself).
 
 Randomness: every parameter of a batch is drawn from one `torch.Generator`, in a fixed order, so a
-batch is a pure function of its seed. The loader seeds it per global batch and each rank keeps its
+batch is a pure function of its seed. Parameters are drawn on the host; the pixels are computed on
+the images' device, so the same call runs in a loader worker (CPU) or on the GPU
+(`crops.batched_on=device`) with the same crops up to float rounding. The loader seeds it per global batch and each rank keeps its
 own rows (`rows`), so the crops of an image do not depend on the world size.
 
 Example:
@@ -138,7 +140,7 @@ def _hue(x: Tensor, f: Tensor) -> Tensor:
     h = torch.remainder(h / 6.0 + f.view(-1, 1, 1), 1.0)
     # HSV -> RGB in closed form: channel n in (R, G, B) = (5, 3, 1) is
     # v - v * s * clamp(min(k, 4 - k), 0, 1) with k = (n + 6h) mod 6.
-    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1) + 6.0 * h.unsqueeze(1), 6.0)
+    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6.0 * h.unsqueeze(1), 6.0)
     ramp = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
     v = maxc.unsqueeze(1)
     return (v - v * sat.unsqueeze(1) * ramp).clamp(0.0, 1.0)
@@ -218,11 +220,11 @@ class BatchMultiCrop:
         theta[:, 0, 2] = (2 * left + w) / width - 1
         theta[:, 1, 1] = h / height
         theta[:, 1, 2] = (2 * top + h) / height - 1
-        grid = F.affine_grid(theta.float(), [n, 3, size, size], align_corners=False)
+        grid = F.affine_grid(theta.float().to(x.device), [n, 3, size, size], align_corners=False)
         x = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp(0, 1)
         x = self._color(x, p)
         x = self._blur(x, p, kernel)
-        solarize = p["solarize"]
+        solarize = p["solarize"].to(x.device)
         return torch.where(_per_crop(solarize) & (x >= _SOLARIZE_THRESHOLD), 1.0 - x, x)
 
     def _color(self, x: Tensor, p: dict[str, Tensor]) -> Tensor:
@@ -231,10 +233,12 @@ class BatchMultiCrop:
                 if name not in p:
                     continue
                 # Only the crops that take this operation in this slot are computed.
+                # (Parameters live on the host: choosing rows never waits for a GPU.)
                 rows = (p["jitter"] & (p["order"][:, slot] == op_index)).nonzero().flatten()
                 if len(rows):
-                    x = x.index_copy(0, rows, op(x[rows], p[name][rows]))
-        rows = p["gray"].nonzero().flatten()
+                    on = rows.to(x.device)
+                    x = x.index_copy(0, on, op(x[on], p[name][rows].to(x.device)))
+        rows = p["gray"].nonzero().flatten().to(x.device)
         return x.index_copy(0, rows, _gray(x[rows]).expand(-1, 3, -1, -1)) if len(rows) else x
 
     @staticmethod
@@ -246,7 +250,7 @@ class BatchMultiCrop:
         identity = torch.zeros(kernel)
         identity[kernel // 2] = 1.0
         k = torch.where(blur[:, None], _gaussian_kernels(p["sigma"], kernel), identity)
-        k = k.repeat_interleave(c, 0)  # (n * c, kernel)
+        k = k.repeat_interleave(c, 0).to(x.device)  # (n * c, kernel)
         pad = kernel // 2
         # Reflect padding, as torchvision's gaussian_blur.
         y = F.pad(x.reshape(1, n * c, height, width), [pad, pad, pad, pad], mode="reflect")
@@ -274,8 +278,8 @@ class BatchMultiCrop:
                   for _ in range(a.local_crops_number)]
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         crops = [self._crop(x, {k: v[keep] for k, v in p.items()}, size, kernel) for size, kernel, p in kinds]
-        local_crops = torch.cat(crops[2:]) if a.local_crops_number else torch.empty(0, 3, ls, ls)
+        local_crops = torch.cat(crops[2:]) if a.local_crops_number else torch.empty(0, 3, ls, ls, device=x.device)
         return {"global_crops": self._normalize(torch.cat(crops[:2])), "local_crops": self._normalize(local_crops)}
 
     def _normalize(self, x: Tensor) -> Tensor:
-        return (x - self.mean) / self.std
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)

@@ -150,14 +150,21 @@ def collate_data_and_cast(
 def crops_and_masks(global_crops: torch.Tensor, local_crops: torch.Tensor, masks: torch.Tensor,
                     upperbound: int, dtype: torch.dtype) -> dict[str, Any]:
     """The batch dict of `collate_data_and_cast` from stacked crop-major crops and (B, N) masks."""
+    return {
+        "collated_global_crops": global_crops.to(dtype),
+        "collated_local_crops": local_crops.to(dtype),
+        **mask_fields(masks, upperbound),
+    }
+
+
+def mask_fields(masks: torch.Tensor, upperbound: int) -> dict[str, Any]:
+    """The mask entries of a batch dict from (B, N) bool masks (computed on the host: the
+    `nonzero` would wait for a GPU)."""
     mask_indices_list = masks.flatten().nonzero().flatten()
     # Each masked patch weighs 1/(masked patches in its crop), so every masked crop counts equally.
     per_crop = 1 / masks.sum(-1).clamp(min=1.0)
     masks_weight = per_crop.unsqueeze(-1).expand_as(masks)[masks]
-
     return {
-        "collated_global_crops": global_crops.to(dtype),
-        "collated_local_crops": local_crops.to(dtype),
         "collated_masks": masks,
         "mask_indices_list": mask_indices_list,
         "masks_weight": masks_weight,

@@ -40,13 +40,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dinokit.data.batch_augment import BatchMultiCrop
-from dinokit.data.collate import collate_data_and_cast, crops_and_masks, draw_masks
+from dinokit.data.collate import collate_data_and_cast, crops_and_masks, draw_masks, mask_fields
 from dinokit.data.datasets import MultiCropDataset
 from dinokit.data.masking import MaskingGenerator
 from dinokit.data.sampler import ResumableRandomSampler
 
-__all__ = ["MultiCropCollate", "PositionBatchSampler", "check_shared_memory", "derive_seed", "make_train_loader",
-           "shared_memory_per_worker"]
+__all__ = ["MultiCropCollate", "PositionBatchSampler", "check_shared_memory", "derive_seed", "device_crops",
+           "make_train_loader", "shared_memory_per_worker", "shared_memory_per_worker_sources"]
 
 _MASK64 = (1 << 64) - 1
 # Stream tags, so the augmentation and mask seeds of one position are unrelated.
@@ -133,9 +133,11 @@ class MultiCropCollate:
         n_tokens: int | None = None,
         group_size: int | None = None,
         batch_transform: BatchMultiCrop | None = None,
+        crops_on_device: bool = False,
     ) -> None:
         self.seed = int(seed)
         self.batch_transform = batch_transform
+        self.crops_on_device = crops_on_device
         self.mask_generator = mask_generator
         self.mask_ratio_tuple = tuple(mask_ratio_tuple)
         self.mask_probability = mask_probability
@@ -172,9 +174,15 @@ class MultiCropCollate:
         sizes = {tuple(im.shape) for im in images}
         if len(sizes) != 1:
             raise ValueError(f"batched crops need equally sized source images, got shapes {sorted(sizes)}")
-        g = torch.Generator().manual_seed(derive_seed(self.seed, BATCH_AUG_STREAM, start))
-        crops = self.batch_transform(torch.stack(images), g, rows=offsets, group=group)
+        seed = derive_seed(self.seed, BATCH_AUG_STREAM, start)
         masks = self._masks(positions, kept, 2)
+        if self.crops_on_device:
+            # uint8 sources and the crop parameters' seed: `device_crops` crops them where the model is.
+            return {"source_images": torch.stack(images), "crop_seed": seed,
+                    "crop_rows": torch.tensor(offsets, dtype=torch.long), "crop_group": group,
+                    **mask_fields(masks, int(masks.sum()))}
+        g = torch.Generator().manual_seed(seed)
+        crops = self.batch_transform(torch.stack(images), g, rows=offsets, group=group)
         return crops_and_masks(crops["global_crops"], crops["local_crops"], masks, int(masks.sum()), self.dtype)
 
     def __call__(self, items: Sequence[tuple[int, Any]]) -> dict[str, Any]:
@@ -200,6 +208,20 @@ class MultiCropCollate:
         return out
 
 
+def device_crops(batch: dict[str, Any], transform: BatchMultiCrop, device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """A batch of `crops_on_device` (uint8 `source_images`) with its crops made on `device`: the
+    same parameters as the loader would draw (host generator, same seed), so on the CPU the crops
+    equal the loader's bit for bit."""
+    batch = dict(batch)
+    sources = batch.pop("source_images").to(device, non_blocking=True)
+    g = torch.Generator().manual_seed(batch.pop("crop_seed"))
+    crops = transform(sources, g, rows=batch.pop("crop_rows"), group=batch.pop("crop_group"))
+    batch["collated_global_crops"] = crops["global_crops"].to(dtype)
+    batch["collated_local_crops"] = crops["local_crops"].to(dtype)
+    return batch
+
+
 def shared_memory_per_worker(batch: int, global_size: int, local_size: int, local_number: int,
                              bytes_per_value: int = 4, prefetch_factor: int = 2) -> int:
     """Bytes of shared memory (/dev/shm) one loader worker holds at most: `prefetch_factor`
@@ -207,6 +229,11 @@ def shared_memory_per_worker(batch: int, global_size: int, local_size: int, loca
     `local_number` local crops of `batch` images. Masks and indices are small beside them."""
     values = 3 * (2 * global_size**2 + local_number * local_size**2)
     return prefetch_factor * batch * values * bytes_per_value
+
+
+def shared_memory_per_worker_sources(batch: int, source_size: int, prefetch_factor: int = 2) -> int:
+    """The same for uint8 source images (`crops_on_device`): one 3 x S x S byte image per sample."""
+    return prefetch_factor * batch * 3 * source_size**2
 
 
 def check_shared_memory(workers: int, per_worker: int, path: str = "/dev/shm") -> str | None:
@@ -242,6 +269,7 @@ def make_train_loader(
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
     batch_transform: BatchMultiCrop | None = None,
+    crops_on_device: bool = False,
 ) -> DataLoader:
     """An infinite DataLoader of collated multi-crop batches for one rank.
 
@@ -263,6 +291,9 @@ def make_train_loader(
         batch_transform: crops a whole batch at once (`BatchMultiCrop`); then `transform` must
             give each sample one fixed-size uint8 (3, S, S) image (`SourceImage`), and the
             crops of a global batch are drawn from one generator seeded by its first position.
+        crops_on_device: with `batch_transform`, leave the cropping to `device_crops` in the
+            training process (batches then carry uint8 `source_images`, a quarter of the float
+            crops' bytes, and the crops are made on the model's device).
 
     Returns:
         DataLoader yielding dicts (see `MultiCropCollate`): collated_global_crops
@@ -282,7 +313,8 @@ def make_train_loader(
         len(multicrop), seed=seed, shuffle=shuffle, rank=rank, world_size=world_size, start_index=start_index
     )
     collate = MultiCropCollate(seed, mask_generator, mask_ratio_tuple, mask_probability, dtype, n_tokens,
-                               group_size=batch_size * world_size, batch_transform=batch_transform)
+                               group_size=batch_size * world_size, batch_transform=batch_transform,
+                               crops_on_device=crops_on_device)
     return DataLoader(
         _SeededSamples(multicrop, seed),
         batch_sampler=PositionBatchSampler(sampler, batch_size),

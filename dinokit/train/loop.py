@@ -53,6 +53,7 @@ from dinokit.checkpoint.training import (
 from dinokit.config import (
     Config,
     ConfigError,
+    CropsConfig,
     DistillConfig,
     ModelConfig,
     config_from_dict,
@@ -65,7 +66,14 @@ from dinokit.config import (
 )
 from dinokit.data.datasets import FashionMNIST, FileListDataset, ImageFolderDataset
 from dinokit.data.batch_augment import BatchMultiCrop, SourceImage
-from dinokit.data.loader import check_shared_memory, derive_seed, make_train_loader, shared_memory_per_worker
+from dinokit.data.loader import (
+    check_shared_memory,
+    derive_seed,
+    device_crops,
+    make_train_loader,
+    shared_memory_per_worker,
+    shared_memory_per_worker_sources,
+)
 from dinokit.data.masking import MaskingGenerator
 from dinokit.data.transforms import MultiCropAugmentation
 from dinokit.distributed import DTYPES, DistEnv, distributed_env, parallelize, reduce_sum
@@ -101,6 +109,7 @@ RESUMABLE_CHANGES = {
     "eval.knn_train_size", "eval.knn_val_size", "eval.knn_k", "train.distributed.strategy",
     # Compute savers change speed and memory, not the numbers.
     "train.compile", "train.activation_checkpointing", "train.tf32", "train.distributed.backend",
+    "crops.batched_on",
 }
 # Stream tag of the per-rank training RNG seed (the loader uses 1 and 2).
 _RANK_RNG_STREAM = 3
@@ -160,23 +169,12 @@ def build_loader(cfg: Config, dataset: Any, start_index: int, rank: int = 0, wor
     `start_index` (the number consumed by all ranks so far) on; crops cast to `dtype`, in pinned
     memory when `pin_memory` (CUDA: the copy to the GPU is then asynchronous)."""
     c = cfg.crops
-    transform = MultiCropAugmentation(
-        global_crops_size=c.global_size,
-        local_crops_size=c.local_size,
-        global_crops_scale=tuple(c.global_scale),
-        local_crops_scale=tuple(c.local_scale),
-        local_crops_number=c.local_number,
-        flip_p=c.flip_p,
-        color_jitter=tuple(c.color_jitter),
-        color_jitter_p=c.color_jitter_p,
-        grayscale_p=c.grayscale_p,
-        blur_p=tuple(c.blur_p),
-        solarize_p=c.solarize_p,
-    )
+    transform = multicrop_recipe(c)
     batch_transform = None
     if c.batched:
         batch_transform = BatchMultiCrop.from_multicrop(transform)
         transform = SourceImage(c.source_size or c.global_size)
+    on_device = c.batched and c.batched_on == "device"
     grid = c.global_size // cfg.model.patch_size
     # Rectangles up to half the grid; the official value has an operator-precedence quirk
     # (see dinokit.data.masking.official_max_num_patches) that is not worth reproducing here.
@@ -196,8 +194,35 @@ def build_loader(cfg: Config, dataset: Any, start_index: int, rank: int = 0, wor
         world_size=world_size,
         batch_transform=batch_transform,
         pin_memory=pin_memory,
+        crops_on_device=on_device,
     )
     return iter(loader)
+
+
+def device_crop_transform(cfg: Config) -> BatchMultiCrop | None:
+    """The batched crops the training process makes itself (`crops.batched_on=device`), or None."""
+    c = cfg.crops
+    if not (c.batched and c.batched_on == "device"):
+        return None
+    return BatchMultiCrop.from_multicrop(multicrop_recipe(c))
+
+
+def multicrop_recipe(c: CropsConfig) -> MultiCropAugmentation:
+    """The multi-crop augmentation of the `crops` settings (per image, or the recipe of the
+    batched path)."""
+    return MultiCropAugmentation(
+        global_crops_size=c.global_size,
+        local_crops_size=c.local_size,
+        global_crops_scale=tuple(c.global_scale),
+        local_crops_scale=tuple(c.local_scale),
+        local_crops_number=c.local_number,
+        flip_p=c.flip_p,
+        color_jitter=tuple(c.color_jitter),
+        color_jitter_p=c.color_jitter_p,
+        grayscale_p=c.grayscale_p,
+        blur_p=tuple(c.blur_p),
+        solarize_p=c.solarize_p,
+    )
 
 
 def _check_resume_config(saved: Config, requested: Config, run_dir: Path) -> None:
@@ -426,12 +451,16 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
     in_phase = phase is not None and progress.step > phase  # a checkpoint at the switch step predates it
     run_cfg = phase_config(cfg) if in_phase else cfg
     pin_memory = env.device.type == "cuda"
+    crop_on_device = device_crop_transform(run_cfg)
     configure_float32_math(env.device, cfg.train.tf32)
     if env.is_main:
         _record_launch(cfg, run_dir, env, progress.step, crops_dtype, pin_memory)
     c, per_rank = run_cfg.crops, run_cfg.optim.batch_size // env.world_size
-    per_worker = shared_memory_per_worker(per_rank, c.global_size, c.local_size, c.local_number,
-                                          torch.finfo(crops_dtype).bits // 8)
+    if crop_on_device is not None:
+        per_worker = shared_memory_per_worker_sources(per_rank, c.source_size or c.global_size)
+    else:
+        per_worker = shared_memory_per_worker(per_rank, c.global_size, c.local_size, c.local_number,
+                                              torch.finfo(crops_dtype).bits // 8)
     # Every process on a machine shares its /dev/shm: count the workers of all local ranks.
     shm_warning = check_shared_memory(cfg.data.num_workers * int(os.environ.get("LOCAL_WORLD_SIZE", "1")), per_worker)
     if shm_warning and env.local_rank == 0:
@@ -499,6 +528,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
                 del batches
                 batches = build_loader(run_cfg, dataset, progress.samples_consumed, env.rank, env.world_size,
                                        crops_dtype, pin_memory)
+                crop_on_device = device_crop_transform(run_cfg)
                 if online_knn is not None:
                     online_knn.set_image_size(run_cfg.crops.global_size)
                 if env.is_main:
@@ -523,6 +553,8 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
             k = cfg.optim.accumulation_steps
             micro = [micro_to_device(m, device) for m in split_batch(batch, k)] if k > 1 else None
             batch = _to_device(batch, device)
+            if crop_on_device is not None:
+                batch = device_crops(batch, crop_on_device, device, crops_dtype)
             sched = schedules.at(step)
             sched["backbone_lr_scale"] = backbone_lr_scale(step, cfg.train.head_warmup_steps,
                                                            cfg.train.backbone_lr_warmup_steps)
@@ -638,6 +670,8 @@ def launch_record(cfg: Config, env: DistEnv, step: int, crops_dtype: torch.dtype
         "loader_workers": cfg.data.num_workers,
         "pin_memory": pin_memory,
         "packing": packing_enabled(cfg.train),
+        "crops": ("batched on the " + ("device" if cfg.crops.batched_on == "device" else "loader")
+                  if cfg.crops.batched else "per image in the loader"),
         "compile": cfg.train.compile,
         "activation_checkpointing": cfg.train.activation_checkpointing,
         "torch": torch.__version__,
