@@ -183,3 +183,13 @@ def test_batched_crops_made_on_the_device_equal_the_loaders(images: Path, tmp_pa
     assert shared_memory_per_worker_sources(64, 28) * 4 <= shared_memory_per_worker(64, 28, 14, 2)
     with pytest.raises(ConfigError, match="accumulation_steps > 1 is not supported with crops.batched_on=device"):
         _cfg(images, "crops.batched=true", "crops.batched_on=device", "optim.accumulation_steps=2")
+
+
+def test_feature_extraction_feeds_a_gpu_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dinokit.eval import embed
+
+    monkeypatch.setattr(embed.os, "cpu_count", lambda: 16)
+    assert embed.default_num_workers("cuda") == 8 and embed.default_num_workers("cuda:1") == 8
+    assert embed.default_num_workers("cpu") == 0  # the model uses the cores
+    monkeypatch.setattr(embed.os, "cpu_count", lambda: 4)
+    assert embed.default_num_workers("cuda") == 3

@@ -45,7 +45,10 @@ def _describe(s: dict[str, Any]) -> str:
 def _embed(a: argparse.Namespace) -> dict[str, Any]:
     from dinokit.curate.embed import embed_pool
 
-    m = embed_pool(a.out, a.backbone, a.data, a.split, a.feature, a.shard_size, a.batch_size, a.num_workers, a.device,
+    from dinokit.eval.embed import default_num_workers
+
+    workers = a.num_workers if a.num_workers is not None else default_num_workers(a.device)
+    m = embed_pool(a.out, a.backbone, a.data, a.split, a.feature, a.shard_size, a.batch_size, workers, a.device,
                    a.arch, a.random_init, a.crop, a.resize, not a.no_progress, a.overwrite)
     if m is None:
         return {"out": str(a.out), "status": "this rank's shards are written; the manifest comes with the last rank"}
@@ -119,7 +122,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     emb.add_argument("--random-init", action="store_true", help="run folder: its architecture, random weights")
     emb.add_argument("--shard-size", type=int, default=65536, help="images per shard (the unit of resumption)")
     emb.add_argument("--batch-size", type=int, default=256)
-    emb.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
+    emb.add_argument("--num-workers", type=int, default=None,
+                     help="data-loader worker processes (default: up to 8 on a GPU, 0 on CPU)")
     emb.add_argument("--device", default=None, help="cuda / cpu (default cuda when available)")
     emb.add_argument("--crop", type=int, default=None, help="center crop (default the backbone's image size)")
     emb.add_argument("--resize", type=int, default=None, help="resize side (default round(crop * 256 / 224))")

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from dinokit.eval.embed import (
     Extracted,
     default_device,
+    default_num_workers,
     eval_transform_for,
     extract_features,
     feature_identity,
@@ -273,7 +274,8 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-last-blocks", type=int, default=4, help="n of the cls_lastN feature kinds")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward")
-    p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="data-loader worker processes (default: up to 8 on a GPU, 0 on CPU)")
     p.add_argument("--resize", type=int, default=None, help="resize side (default round(crop * 256 / 224))")
     p.add_argument("--crop", type=int, default=None, help="center crop (default the backbone's image size)")
     p.add_argument("--device", default=None, help="cuda / cpu (default cuda when available)")
@@ -284,8 +286,12 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
 def _embed_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(arch=args.arch, random_init=args.random_init, n_last_blocks=args.n_last_blocks,
                 batch_size=args.batch_size, bf16=args.bf16, device=args.device, resize=args.resize, crop=args.crop,
-                num_workers=args.num_workers, progress=not args.no_progress, max_train=args.max_train,
+                num_workers=_workers(args), progress=not args.no_progress, max_train=args.max_train,
                 max_test=args.max_test, seed=args.seed)
+
+
+def _workers(args: argparse.Namespace) -> int:
+    return args.num_workers if args.num_workers is not None else default_num_workers(args.device)
 
 
 def _errors() -> tuple[type[BaseException], ...]:
@@ -306,7 +312,7 @@ def _run_embed(args: argparse.Namespace) -> int:
         manifest = write_feature_shards(
             args.out, rb.model, ds, transform, features=args.features, shard_size=args.shard_size, dtype=args.dtype,
             source=rb.source, batch_size=args.batch_size, n_last_blocks=args.n_last_blocks, autocast_bf16=args.bf16,
-            num_workers=args.num_workers, progress=not args.no_progress, device=args.device or default_device(),
+            num_workers=_workers(args), progress=not args.no_progress, device=args.device or default_device(),
             overwrite=args.overwrite, description=f"{args.data} (split {args.split}"
             + (f", random subset of {args.max_images}, seed {args.seed})" if args.max_images else ")"))
     except _errors() as exc:
