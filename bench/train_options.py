@@ -31,6 +31,8 @@ VARIANTS: dict[str, tuple[int, list[str]]] = {
     "default": (1, []),
     "one_loader_worker": (1, ["data.num_workers=1"]),
     "compile": (1, ["train.compile=true"]),
+    "compile_step": (1, ["train.compile=step"]),
+    "compile_step_bf16": (1, ["train.compile=step", "train.autocast=bf16"]),
     "bf16_autocast": (1, ["train.autocast=bf16"]),
     "two_ranks": (2, ["data.num_workers=0"]),
     # Not speed-only: a larger batch changes the recipe (the lr follows the scaling rule).

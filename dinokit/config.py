@@ -256,7 +256,10 @@ class TrainConfig:
     # where bench/packing.py measured it slower. (A bool, so YAML's on / off / true / false work.)
     packing: Literal["auto"] | bool = "auto"
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, more time
-    compile: bool = False  # torch.compile each block of student and teacher (slow first step)
+    # torch.compile (slow first step): `true` / `blocks` each block of student and teacher;
+    # `step` the whole model call (teacher, student, heads, losses with Sinkhorn-Knopp) as one
+    # graph, whose backward AOTAutograd compiles as one graph too.
+    compile: Literal["blocks", "step"] | bool = False
     # CUDA only: float32 matmuls and convolutions on TF32 tensor cores (10-bit mantissa inputs,
     # float32 accumulation), PyTorch's "high" matmul precision. No effect on CPU.
     tf32: bool = True

@@ -137,12 +137,56 @@ def _one_step(overrides: list[str]) -> tuple[float, dict[str, torch.Tensor]]:
 
 
 @pytest.mark.skipif(os.environ.get("DINOKIT_TEST_COMPILE") != "1", reason="set DINOKIT_TEST_COMPILE=1 (minutes of compiling)")
-def test_compiled_train_step_runs_on_cpu_and_matches_eager() -> None:
-    """Forward and backward: the loss and every gradient of the compiled step equal eager's."""
+@pytest.mark.parametrize("mode", ["blocks", "step"])
+def test_compiled_train_step_runs_on_cpu_and_matches_eager(mode: str) -> None:
+    """Forward and backward: the loss and every gradient of the compiled step equal eager's
+    (blocks compiled one by one, or the whole model call as one graph)."""
     eager_loss, eager_grads = _one_step(["train.packing=true"])
-    compiled_loss, compiled_grads = _one_step(["train.packing=true", "train.compile=true"])
+    compiled_loss, compiled_grads = _one_step(["train.packing=true", f"train.compile={mode}"])
     assert compiled_loss == pytest.approx(eager_loss, rel=1e-4)
     assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) > 10
     for name, grad in eager_grads.items():
         scale = float(grad.abs().max()) or 1.0
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-3, atol=1e-4 * scale, msg=name)
+
+
+def _batch_with_seed(cfg, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    c = cfg.crops
+    samples = [({"global_crops": [torch.randn(3, c.global_size, c.global_size, generator=g) for _ in range(2)],
+                 "local_crops": [torch.randn(3, c.local_size, c.local_size, generator=g) for _ in range(c.local_number)]}, 0)
+               for _ in range(cfg.optim.batch_size)]
+    grid = c.global_size // cfg.model.patch_size
+    return collate_data_and_cast(samples, (0.1, 0.5), 0.5, torch.float32, n_tokens=grid * grid,
+                                 mask_generator=MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid),
+                                 random_state=random.Random(seed))
+
+
+@pytest.mark.skipif(os.environ.get("DINOKIT_TEST_COMPILE") != "1", reason="set DINOKIT_TEST_COMPILE=1 (minutes of compiling)")
+def test_whole_step_compilation_follows_eager_over_steps() -> None:
+    """`train.compile=step` over 4 steps whose batches mask different numbers of patches (a
+    recompilation with a dynamic dimension) and whose teacher temperatures differ: the loss
+    terms of every step and the student and teacher after the optimizer and EMA updates equal
+    eager's within float tolerance."""
+    runs = []
+    for mode in ("false", "step"):
+        cfg = load_config("tiny", [*SMALL, f"train.compile={mode}", "teacher.warmup_teacher_temp_epochs=1"])
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+        optimizer = build_optimizer(model.trainable(), cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
+        schedules = build_schedules(**schedule_args(cfg))
+        losses = []
+        for step in range(4):
+            batch = _batch_with_seed(cfg, step)
+            terms, _ = train_step(model, optimizer, batch, schedules.at(step), cfg, torch.device("cpu"))
+            losses.append({k: float(v) for k, v in terms.items()})
+        runs.append((losses, {k.replace("_orig_mod.", ""): v.detach().clone() for k, v in model.state_dict().items()}))
+    (eager, eager_state), (compiled, compiled_state) = runs
+    assert len({int(_batch_with_seed(load_config("tiny", SMALL), s)["n_masked_patches"]) for s in range(4)}) > 1
+    for a, b in zip(eager, compiled):
+        assert b.keys() == a.keys()
+        for name in a:
+            assert b[name] == pytest.approx(a[name], rel=1e-4, abs=1e-5), name
+    assert compiled_state.keys() == eager_state.keys()
+    for name, value in eager_state.items():
+        torch.testing.assert_close(compiled_state[name], value, rtol=1e-4, atol=1e-5, msg=name)

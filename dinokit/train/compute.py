@@ -5,7 +5,7 @@ None of them changes what is computed, only how (up to float rounding); `bench/p
 
     train.packing=auto|true|false        # student crops through the blocks as one packed sequence
     train.activation_checkpointing=true  # per block, recomputed in the backward pass
-    train.compile=true                   # torch.compile every block of student and teacher
+    train.compile=true|blocks|step       # torch.compile every block, or the whole model call
     train.tf32=true                      # CUDA: float32 matmuls / convolutions on TF32 tensor cores
 """
 
@@ -60,7 +60,13 @@ def apply_compute_options(model: M, train: TrainConfig) -> M:
     for backbone in model.student_backbones():
         backbone.packing = packing_enabled(train)
         backbone.activation_checkpointing = train.activation_checkpointing
-    if train.compile:
+    if train.compile == "step":
+        # The whole model call in place (`nn.Module.compile`): parameter names unchanged. The
+        # number of masked patches changes from batch to batch; after the first recompilation
+        # that dimension is dynamic. The training step passes the teacher temperature as a
+        # tensor, so its schedule does not recompile.
+        model.compile()
+    elif train.compile:
         # Block by block, in place (`nn.Module.compile`): parameter names stay those of the
         # official checkpoints, and all blocks of a backbone share one compiled graph.
         for net in model.networks():

@@ -309,11 +309,13 @@ def train_step(
     """
     apply_schedule(optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"], sched.get("backbone_lr_scale", 1.0))
     optimizer.zero_grad(set_to_none=True)
+    # A compiled model call would specialise on a Python float and recompile at every new value.
+    temp: Any = torch.tensor(sched["teacher_temp"]) if cfg.train.compile == "step" else sched["teacher_temp"]
     if micro_batches:
-        terms, targets = _accumulate(forward or model, batch, micro_batches, sched["teacher_temp"], cfg, device)
+        terms, targets = _accumulate(forward or model, batch, micro_batches, temp, cfg, device)
     else:
         with _autocast(cfg, device):
-            terms, targets = (forward or model)(batch, sched["teacher_temp"])
+            terms, targets = (forward or model)(batch, temp)
         terms["total"].backward()
     reported = _mean_over_ranks(terms, env)
     if cfg.optim.clip_grad > 0:
@@ -325,7 +327,7 @@ def train_step(
     return reported, targets
 
 
-def _accumulate(forward: nn.Module, batch: dict[str, Any], micro_batches: list[MicroBatch], teacher_temp: float,
+def _accumulate(forward: nn.Module, batch: dict[str, Any], micro_batches: list[MicroBatch], teacher_temp: Any,
                 cfg: Config, device: torch.device) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Teacher targets of the whole batch, then forward + backward of each micro-batch with its
     loss scaled by its share; DDP reduces gradients after the last micro-batch only. Returns the
