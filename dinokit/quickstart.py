@@ -5,7 +5,8 @@ The default data is Fashion-MNIST (Debian package `dataset-fashion-mnist`): pret
 three feature extractors: the pretrained teacher, the same architecture at random
 initialisation, and raw pixels. `--data FOLDER` takes any image folder instead; with class
 sub-folders a seeded 80 / 20 split gives the evaluation sets, without them the report has the
-training curves and pictures only.
+training curves and pictures only. Images larger than about 48 px are worked on at 56 px, decoded
+once into OUT/cache (`dinokit.folder_fit`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from dinokit.eval.commands import split_features
 from dinokit.eval.embed import linear_feature_kinds
 from dinokit.eval.knn import knn_classify
 from dinokit.eval.linear import linear_probe
+from dinokit.folder_fit import cache_folder, fit_folder
 from dinokit.machine import machine_info
 from dinokit.train.loop import train
 
@@ -56,8 +59,10 @@ def _datasets(data: Path | None, fmnist_root: Path) -> tuple[str, Dataset | None
 
 
 def quickstart_config(train_spec: str, fashion_mnist: bool, steps: int | None, preset: str,
-                      overrides: list[str]) -> Config:
-    items = [f"data.path={train_spec}"]
+                      overrides: list[str], fit: tuple[str, ...] = ()) -> Config:
+    """The run's configuration: the preset, then the folder fit, then `--steps`, then the
+    user's overrides (each later one wins)."""
+    items = [f"data.path={train_spec}", *fit]
     if fashion_mnist:
         items += ["data.dataset=fashion_mnist",
                   # Online k-NN on a small subsample every 500 steps, for the curves.
@@ -113,10 +118,20 @@ def run_quickstart(out: Path, data: Path | None = None, fmnist_root: Path = Path
                    steps: int | None = None, preset: str = "tiny", overrides: list[str] | None = None) -> Path:
     """Run everything and return the path of `report.md`."""
     t_start = time.time()
-    train_spec, eval_train, eval_test, description = _datasets(data, fmnist_root)
-    cfg = quickstart_config(train_spec, data is None, steps, preset, list(overrides or []))
-    run_dir = out / "run"
     out.mkdir(parents=True, exist_ok=True)
+    fit = None
+    if data is not None and preset == "tiny":
+        folder = ImageFolderDataset(data)
+        fit = fit_folder(folder, load_config(preset, []).run_steps)
+        log.info("%s: %s", data, fit.reason)
+        if fit.overrides:
+            data, cache_skipped = cache_folder(folder, out / "cache", fit.working_size)
+            log.info("images decoded once at %d px into %s (%d undecodable, skipped)", fit.working_size, data,
+                     cache_skipped)
+    train_spec, eval_train, eval_test, description = _datasets(data, fmnist_root)
+    cfg = quickstart_config(train_spec, data is None, steps, preset, list(overrides or []),
+                            fit.overrides if fit else ())
+    run_dir = out / "run"
     log.info("pretraining %s steps on %s", cfg.run_steps, description)
     t0 = time.time()
     result = train(cfg, run_dir)
@@ -138,11 +153,12 @@ def run_quickstart(out: Path, data: Path | None = None, fmnist_root: Path = Path
     pictures = _pictures(run_dir, out, eval_test, train_spec)
     (out / "results.json").write_text(json.dumps({
         "machine": machine_info(), "data": description, "preset": preset, "overrides": list(overrides or []),
+        "fit": asdict(fit) if fit else None,
         "evaluations": evaluations, "steps": result.steps_done, "skipped_images": result.skipped_images,
         "train_seconds": round(train_seconds, 1), "wall_seconds": round(time.time() - t_start, 1)}, indent=2))
     report = out / "report.md"
     report.write_text(_report(cfg, description, result.steps_done, train_seconds, result.skipped_images,
-                              evaluations, pictures, time.time() - t_start))
+                              evaluations, pictures, time.time() - t_start, fit.reason if fit else None))
     return report
 
 
@@ -151,13 +167,14 @@ def _pct(x: float) -> str:
 
 
 def _report(cfg: Config, description: str, steps: int, train_seconds: float, skipped: int,
-            evaluations: list[dict], pictures: list[str], total_seconds: float) -> str:
+            evaluations: list[dict], pictures: list[str], total_seconds: float, fit: str | None = None) -> str:
     m = cfg.model
     machine = machine_info()
     lines = [
         "# dinokit quickstart report",
         "",
         f"- data: {description}",
+        *([f"- fitted to the images: {fit}"] if fit else []),
         f"- model: ViT {m.embed_dim or ''}-wide, {m.depth} blocks, {m.num_heads} heads, patch {m.patch_size}; "
         f"{cfg.crops.global_size} px global crops, {cfg.crops.local_number} x {cfg.crops.local_size} px local crops; "
         f"{cfg.head.out_dim} prototypes; loss mode {cfg.loss.mode} ({cfg.loss.centering})",
