@@ -43,7 +43,7 @@ class FolderFit:
     reason: str
 
 
-def fit_folder(folder: ImageFolderDataset, preset_steps: int, sample: int = 256) -> FolderFit:
+def fit_folder(folder: ImageFolderDataset, preset_epochs: int, epoch_length: int, sample: int = 256) -> FolderFit:
     """The working size for `folder` from the sizes of up to `sample` of its images (read from
     the file headers, evenly spread over the sorted list), and the overrides that apply it."""
     step = max(1, len(folder) // sample)
@@ -57,14 +57,16 @@ def fit_folder(folder: ImageFolderDataset, preset_steps: int, sample: int = 256)
     median = int(statistics.median(sides)) if sides else 0
     if median <= SMALL_IMAGES_MAX:
         return FolderFit(median, 28, (), f"images of about {median} px: the tiny preset's 28 px crops")
-    steps = max(1, round(preset_steps * TOKENS_28 / TOKENS_56))
+    # The whole schedule is shortened (not only stopped early), so the lr decays and the teacher
+    # momentum reaches its final value.
+    epochs = max(2, round(preset_epochs * TOKENS_28 / TOKENS_56))
     size, local = WORKING_SIZE, WORKING_SIZE // 2
     overrides = (f"crops.global_size={size}", f"crops.local_size={local}", f"model.img_size={size}",
-                 f"crops.source_size={size}", f"train.max_steps={steps}")
+                 f"crops.source_size={size}", f"optim.epochs={epochs}")
     return FolderFit(median, size, overrides,
                      f"images of about {median} px: worked on at {size} px (4 x 4 patches of 14 px on global "
-                     f"crops, 2 x 2 on {local} px local crops), {steps} steps so the pretraining costs about "
-                     f"what {preset_steps} steps cost at 28 px")
+                     f"crops, 2 x 2 on {local} px local crops), {epochs * epoch_length} steps so the "
+                     f"pretraining costs about what {preset_epochs * epoch_length} steps cost at 28 px")
 
 
 def cache_folder(folder: ImageFolderDataset, cache: Path, size: int) -> tuple[Path, int]:

@@ -122,7 +122,8 @@ def run_quickstart(out: Path, data: Path | None = None, fmnist_root: Path = Path
     fit = None
     if data is not None and preset == "tiny":
         folder = ImageFolderDataset(data)
-        fit = fit_folder(folder, load_config(preset, []).run_steps)
+        preset_optim = load_config(preset, []).optim
+        fit = fit_folder(folder, preset_optim.epochs, preset_optim.epoch_length)
         log.info("%s: %s", data, fit.reason)
         if fit.overrides:
             data, cache_skipped = cache_folder(folder, out / "cache", fit.working_size)

@@ -23,15 +23,15 @@ def _folder(root: Path, size: tuple[int, int], n: int = 6) -> Path:
 
 
 def test_small_images_keep_the_preset(tmp_path: Path) -> None:
-    fit = fit_folder(ImageFolderDataset(_folder(tmp_path, (28, 28))), 6000)
+    fit = fit_folder(ImageFolderDataset(_folder(tmp_path, (28, 28))), 20, 300)
     assert fit.overrides == () and fit.working_size == 28 and "28 px" in fit.reason
 
 
 def test_large_images_are_worked_on_at_56_px_with_fewer_steps(tmp_path: Path) -> None:
-    fit = fit_folder(ImageFolderDataset(_folder(tmp_path, (200, 150))), 6000)
+    fit = fit_folder(ImageFolderDataset(_folder(tmp_path, (200, 150))), 20, 300)
     assert fit.median_short_side == 150 and fit.working_size == 56
     assert "crops.global_size=56" in fit.overrides and "model.img_size=56" in fit.overrides
-    assert "train.max_steps=1846" in fit.overrides  # 6000 x 24 / 78 tokens per image
+    assert "optim.epochs=6" in fit.overrides and "1800 steps" in fit.reason  # 20 x 24 / 78 tokens per image
 
 
 def test_cache_decodes_once_counts_bad_files_and_is_reused(tmp_path: Path) -> None:
