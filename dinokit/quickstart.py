@@ -130,6 +130,8 @@ def run_quickstart(out: Path, data: Path | None = None, fmnist_root: Path = Path
             log.info("images decoded once at %d px into %s (%d undecodable, skipped)", fit.working_size, data,
                      cache_skipped)
     train_spec, eval_train, eval_test, description = _datasets(data, fmnist_root)
+    if fit is not None and fit.overrides:
+        description = description.replace(str(data), f"{folder.root} (decoded once at {fit.working_size} px into {data})")
     cfg = quickstart_config(train_spec, data is None, steps, preset, list(overrides or []),
                             fit.overrides if fit else ())
     run_dir = out / "run"
