@@ -35,3 +35,16 @@ def reference_dir() -> Path:
     if not (folder / "manifest.json").is_file():
         pytest.skip(f"no reference data at {folder} (set DINOKIT_REFERENCE_DIR)")
     return folder
+
+
+@pytest.fixture(scope="session")
+def noise_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 unlabeled 32 px RGB noise images: enough for a few training steps of a small model."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("noise_images")
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    return root

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from dinokit.config import ConfigError, load_config, schedule_args, validate
 from dinokit.train.accumulate import split_batch
@@ -27,12 +26,8 @@ EXACT = [
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / f"{i}.png")
-    return root
+def images(noise_images: Path) -> Path:
+    return noise_images
 
 
 def _cfg(images: Path, *extra: str):

@@ -111,8 +111,8 @@ def test_packing_setting_resolution_and_bad_value() -> None:
         load_config("tiny", [*SMALL, "train.packing=maybe"])
 
 
-def _batch(cfg) -> dict:
-    g = torch.Generator().manual_seed(0)
+def _batch(cfg, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
     c = cfg.crops
     samples = [({"global_crops": [torch.randn(3, c.global_size, c.global_size, generator=g) for _ in range(2)],
                  "local_crops": [torch.randn(3, c.local_size, c.local_size, generator=g) for _ in range(c.local_number)]}, 0)
@@ -120,7 +120,7 @@ def _batch(cfg) -> dict:
     grid = c.global_size // cfg.model.patch_size
     return collate_data_and_cast(samples, (0.1, 0.5), 0.5, torch.float32, n_tokens=grid * grid,
                                  mask_generator=MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid),
-                                 random_state=random.Random(0))
+                                 random_state=random.Random(seed))
 
 
 def _one_step(overrides: list[str]) -> tuple[float, dict[str, torch.Tensor]]:
@@ -150,18 +150,6 @@ def test_compiled_train_step_runs_on_cpu_and_matches_eager(mode: str) -> None:
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-3, atol=1e-4 * scale, msg=name)
 
 
-def _batch_with_seed(cfg, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    c = cfg.crops
-    samples = [({"global_crops": [torch.randn(3, c.global_size, c.global_size, generator=g) for _ in range(2)],
-                 "local_crops": [torch.randn(3, c.local_size, c.local_size, generator=g) for _ in range(c.local_number)]}, 0)
-               for _ in range(cfg.optim.batch_size)]
-    grid = c.global_size // cfg.model.patch_size
-    return collate_data_and_cast(samples, (0.1, 0.5), 0.5, torch.float32, n_tokens=grid * grid,
-                                 mask_generator=MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid),
-                                 random_state=random.Random(seed))
-
-
 @pytest.mark.skipif(os.environ.get("DINOKIT_TEST_COMPILE") != "1", reason="set DINOKIT_TEST_COMPILE=1 (minutes of compiling)")
 def test_whole_step_compilation_follows_eager_over_steps() -> None:
     """`train.compile=step` over 4 steps whose batches mask different numbers of patches (a
@@ -177,12 +165,12 @@ def test_whole_step_compilation_follows_eager_over_steps() -> None:
         schedules = build_schedules(**schedule_args(cfg))
         losses = []
         for step in range(4):
-            batch = _batch_with_seed(cfg, step)
+            batch = _batch(cfg, step)
             terms, _ = train_step(model, optimizer, batch, schedules.at(step), cfg, torch.device("cpu"))
             losses.append({k: float(v) for k, v in terms.items()})
         runs.append((losses, {k.replace("_orig_mod.", ""): v.detach().clone() for k, v in model.state_dict().items()}))
     (eager, eager_state), (compiled, compiled_state) = runs
-    assert len({int(_batch_with_seed(load_config("tiny", SMALL), s)["n_masked_patches"]) for s in range(4)}) > 1
+    assert len({int(_batch(load_config("tiny", SMALL), s)["n_masked_patches"]) for s in range(4)}) > 1
     for a, b in zip(eager, compiled):
         assert b.keys() == a.keys()
         for name in a:

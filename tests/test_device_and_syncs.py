@@ -10,10 +10,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from dinokit.config import ConfigError, load_config
 from dinokit.distributed.env import choose_backend, resolve_device
@@ -30,12 +28,8 @@ SMALL = [
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / f"{i}.png")
-    return root
+def images(noise_images: Path) -> Path:
+    return noise_images
 
 
 def _cfg(folder: Path, *extra: str):
