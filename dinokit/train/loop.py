@@ -483,6 +483,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
     last_warning = -(10**9)
     frozen: bool | None = None
     records = _StepRecords()
+    started = progress.step
 
     def checkpoint_due(done: int) -> bool:
         return done % cfg.checkpoint.every == 0 or done == stop
@@ -570,6 +571,9 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
             if cfg.init.backbone:
                 host["backbone_lr_scale"] = sched["backbone_lr_scale"]
             records.add(step, terms, health_tensor(targets) if env.is_main else None, host)  # rank 0's batch
+            if cfg.train.compile and step == started + 1 and env.is_main:
+                log.info("first step of this process: %.1f s, compilation included (train.compile=%s)",
+                         time.perf_counter() - t0, cfg.train.compile)
             if bar is not None:
                 bar.update(1)
             knn_step = cfg.eval.knn_every > 0 and step % cfg.eval.knn_every == 0
