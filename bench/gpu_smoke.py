@@ -124,7 +124,7 @@ def _step_config(preset: str, batch: int, autocast: str) -> Any:
                                  f"train.device={DEVICE.type}"])
 
 
-def check_train_step(work: Path, quick: bool) -> dict[str, Any]:
+def check_train_step(work: Path) -> dict[str, Any]:
     from dinokit.train.compute import configure_float32_math
     from dinokit.train.loop import build_model
     from dinokit.train.optim import build_optimizer
@@ -324,7 +324,7 @@ def main() -> int:
     step_rate: list[float] = []
 
     def train_step_check(w: Path) -> dict[str, Any]:
-        result = check_train_step(w, quick=not CUDA)
+        result = check_train_step(w)
         step_rate.append(max(r["images_per_s"] for r in result["runs"]))
         return result
 

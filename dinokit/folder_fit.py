@@ -21,6 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from dinokit.data.batch_augment import SourceImage
 from dinokit.data.datasets import ImageFolderDataset, load_image
 
 __all__ = ["FolderFit", "cache_folder", "fit_folder"]
@@ -81,6 +82,7 @@ def cache_folder(folder: ImageFolderDataset, cache: Path, size: int) -> tuple[Pa
         if {k: done.get(k) for k in want} == want:
             return cache / "images", int(done["skipped"])
     root = cache / "images"
+    source = SourceImage(size)  # what the batched crops' loader does to each image, done once
     skipped = 0
     for i in range(len(folder)):
         image = load_image(folder.path(i))
@@ -90,11 +92,6 @@ def cache_folder(folder: ImageFolderDataset, cache: Path, size: int) -> tuple[Pa
         rel = os.path.relpath(folder.path(i), folder.root)
         target = (root / rel).with_suffix(".png")
         target.parent.mkdir(parents=True, exist_ok=True)
-        scale = size / min(image.size)
-        w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-        image = image.resize((w, h), Image.BICUBIC)
-        left, top = (w - size) // 2, (h - size) // 2
-        image.crop((left, top, left + size, top + size)).save(target)
+        Image.fromarray(source(image).permute(1, 2, 0).numpy()).save(target)
     manifest.write_text(json.dumps({**want, "skipped": skipped, "fit": "resize short side + centre crop"}))
     return root, skipped
-

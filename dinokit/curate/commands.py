@@ -44,11 +44,10 @@ def _describe(s: dict[str, Any]) -> str:
 
 def _embed(a: argparse.Namespace) -> dict[str, Any]:
     from dinokit.curate.embed import embed_pool
-
     from dinokit.eval.embed import default_num_workers
 
-    workers = a.num_workers if a.num_workers is not None else default_num_workers(a.device)
-    m = embed_pool(a.out, a.backbone, a.data, a.split, a.feature, a.shard_size, a.batch_size, workers, a.device,
+    m = embed_pool(a.out, a.backbone, a.data, a.split, a.feature, a.shard_size, a.batch_size,
+                   default_num_workers(a.device, a.num_workers), a.device,
                    a.arch, a.random_init, a.crop, a.resize, not a.no_progress, a.overwrite)
     if m is None:
         return {"out": str(a.out), "status": "this rank's shards are written; the manifest comes with the last rank"}

@@ -20,8 +20,9 @@ between operations (no uint8 rounding), and a crop that downsamples is not antia
 Randomness: every parameter of a batch is drawn from one `torch.Generator`, in a fixed order, so a
 batch is a pure function of its seed. Parameters are drawn on the host; the pixels are computed on
 the images' device, so the same call runs in a loader worker (CPU) or on the GPU
-(`crops.batched_on=device`) with the same crops up to float rounding. The loader seeds it per global batch and each rank keeps its
-own rows (`rows`), so the crops of an image do not depend on the world size.
+(`crops.batched_on=device`) with the same crops up to float rounding. The loader seeds it per
+global batch and each rank keeps its own rows (`rows`), so the crops of an image do not depend on
+the world size.
 
 Example:
     >>> aug = BatchMultiCrop(global_crops_size=28, local_crops_size=14, local_crops_number=2)

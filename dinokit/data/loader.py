@@ -45,8 +45,8 @@ from dinokit.data.datasets import MultiCropDataset
 from dinokit.data.masking import MaskingGenerator
 from dinokit.data.sampler import ResumableRandomSampler
 
-__all__ = ["MultiCropCollate", "PositionBatchSampler", "check_shared_memory", "derive_seed", "device_crops",
-           "make_train_loader", "shared_memory_per_worker", "shared_memory_per_worker_sources"]
+__all__ = ["MultiCropCollate", "PositionBatchSampler", "batch_to_device", "check_shared_memory", "derive_seed",
+           "device_crops", "make_train_loader", "shared_memory_per_worker", "shared_memory_per_worker_sources"]
 
 _MASK64 = (1 << 64) - 1
 # Stream tags, so the augmentation and mask seeds of one position are unrelated.
@@ -206,6 +206,11 @@ class MultiCropCollate:
         out["labels"] = torch.tensor([int(s[1]) for s in samples], dtype=torch.long)
         out["positions"] = torch.tensor(positions, dtype=torch.long)
         return out
+
+
+def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A batch dict with its tensors on `device` (asynchronous copies from pinned memory)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def device_crops(batch: dict[str, Any], transform: BatchMultiCrop, device: torch.device,

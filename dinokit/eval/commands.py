@@ -286,12 +286,9 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
 def _embed_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(arch=args.arch, random_init=args.random_init, n_last_blocks=args.n_last_blocks,
                 batch_size=args.batch_size, bf16=args.bf16, device=args.device, resize=args.resize, crop=args.crop,
-                num_workers=_workers(args), progress=not args.no_progress, max_train=args.max_train,
+                num_workers=default_num_workers(args.device, args.num_workers), progress=not args.no_progress,
+                max_train=args.max_train,
                 max_test=args.max_test, seed=args.seed)
-
-
-def _workers(args: argparse.Namespace) -> int:
-    return args.num_workers if args.num_workers is not None else default_num_workers(args.device)
 
 
 def _errors() -> tuple[type[BaseException], ...]:
@@ -312,7 +309,8 @@ def _run_embed(args: argparse.Namespace) -> int:
         manifest = write_feature_shards(
             args.out, rb.model, ds, transform, features=args.features, shard_size=args.shard_size, dtype=args.dtype,
             source=rb.source, batch_size=args.batch_size, n_last_blocks=args.n_last_blocks, autocast_bf16=args.bf16,
-            num_workers=_workers(args), progress=not args.no_progress, device=args.device or default_device(),
+            num_workers=default_num_workers(args.device, args.num_workers), progress=not args.no_progress,
+            device=args.device or default_device(),
             overwrite=args.overwrite, description=f"{args.data} (split {args.split}"
             + (f", random subset of {args.max_images}, seed {args.seed})" if args.max_images else ")"))
     except _errors() as exc:

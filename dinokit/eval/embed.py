@@ -83,10 +83,12 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def default_num_workers(device: str | None) -> int:
-    """Loader workers for feature extraction when none are asked for: on a GPU up to 8 (one per
-    core short of the main process), so decoding keeps the GPU fed; on the CPU none, since the
-    model itself uses every core."""
+def default_num_workers(device: str | None, requested: int | None = None) -> int:
+    """Loader workers for feature extraction: `requested` when given; else on a GPU up to 8 (one
+    per core short of the main process), so decoding keeps the GPU fed, and on the CPU none,
+    since the model itself uses every core."""
+    if requested is not None:
+        return requested
     if (device or default_device()).startswith("cuda"):
         return max(0, min(8, (os.cpu_count() or 1) - 1))
     return 0

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dinokit.data.loader import batch_to_device
+
 __all__ = ["MicroBatch", "micro_targets", "split_batch", "to_device"]
 
 
@@ -75,8 +77,8 @@ def split_batch(batch: dict[str, Any], parts: int) -> list[MicroBatch]:
 
 
 def to_device(micro: MicroBatch, device: torch.device) -> MicroBatch:
-    batch = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in micro.batch.items()}
-    return MicroBatch(batch, micro.images.to(device), micro.masked.to(device), micro.share)
+    return MicroBatch(batch_to_device(micro.batch, device), micro.images.to(device), micro.masked.to(device),
+                      micro.share)
 
 
 def micro_targets(targets: dict[str, Tensor], micro: MicroBatch) -> dict[str, Tensor]:

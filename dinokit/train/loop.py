@@ -67,6 +67,7 @@ from dinokit.config import (
 from dinokit.data.datasets import FashionMNIST, FileListDataset, ImageFolderDataset
 from dinokit.data.batch_augment import BatchMultiCrop, SourceImage
 from dinokit.data.loader import (
+    batch_to_device,
     check_shared_memory,
     derive_seed,
     device_crops,
@@ -254,10 +255,6 @@ def _batch_counts(batch: dict[str, Any], env: DistEnv) -> tuple[int, int]:
     if env.world_size > 1:
         counts = reduce_sum(torch.tensor(counts), group=env.host_group).tolist()
     return counts[0], counts[1]
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
 def _autocast(cfg: Config, device: torch.device) -> Any:
@@ -555,7 +552,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
                 continue
             k = cfg.optim.accumulation_steps
             micro = [micro_to_device(m, device) for m in split_batch(batch, k)] if k > 1 else None
-            batch = _to_device(batch, device)
+            batch = batch_to_device(batch, device)
             if crop_on_device is not None:
                 batch = device_crops(batch, crop_on_device, device, crops_dtype)
             sched = schedules.at(step)
@@ -658,7 +655,7 @@ def launch_record(cfg: Config, env: DistEnv, step: int, crops_dtype: torch.dtype
     """What runs where in this (re)start of a run: device, world size, backend, precision and
     batch per rank, as logged at start and appended to the run folder's launches.jsonl."""
     device = env.device
-    record: dict[str, Any] = {
+    return {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "start_step": step,
         "device": str(device),
@@ -684,7 +681,6 @@ def launch_record(cfg: Config, env: DistEnv, step: int, crops_dtype: torch.dtype
         "cuda": torch.version.cuda,
         "threads": torch.get_num_threads(),
     }
-    return record
 
 
 def _record_launch(cfg: Config, run_dir: Path, env: DistEnv, step: int, crops_dtype: torch.dtype,
