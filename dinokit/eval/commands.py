@@ -54,7 +54,7 @@ __all__ = ["add_commands", "evaluate_knn", "evaluate_linear", "evaluate_logreg",
 def split_features(
     backbone: Any,
     train: Dataset | str | os.PathLike,
-    test: Dataset | str | os.PathLike,
+    test: Dataset | str | os.PathLike | None,
     features: Sequence[str] | None = ("cls",),
     *,
     arch: str | None = None,
@@ -70,7 +70,7 @@ def split_features(
     max_train: int | None = None,
     max_test: int | None = None,
     seed: int = 0,
-) -> tuple[Extracted, Extracted, dict[str, Any]]:
+) -> tuple[Extracted, Extracted | None, dict[str, Any]]:
     """Features of a train and a test set with one backbone (embedded, or read from feature folders).
 
     Args:
@@ -81,7 +81,8 @@ def split_features(
 
     Returns:
         (train, test, info) with info = {"backbone", "image_size", "transform", "features",
-        "train": {"spec", "n", "n_skipped", "skipped"}, "test": {...}}.
+        "train": {"spec", "n", "n_skipped", "skipped"}, "test": {...}}; test None (and no
+        "test" entry) when `test` is None.
     """
     device = device or default_device()
     resolved = None
@@ -90,6 +91,8 @@ def split_features(
     identities: dict[str, tuple[str | None, str]] = {}  # split -> (fingerprint, what made it)
     live_identity: str | None = None
     for split, data, limit in (("train", train, max_train), ("test", test, max_test)):
+        if data is None:
+            continue
         if isinstance(data, (str, os.PathLike)) and is_feature_dir(data):
             stored = read_features(data, names=None if features is None else
                                    [parse_feature_kind(k, n_last_blocks)[0] for k in features], dtype=torch.float32)
@@ -125,6 +128,8 @@ def split_features(
                        "n": len(ex.labels), "n_skipped": len(ex.skipped), "skipped": ex.skipped[:1000]}
         out.append(ex)
     info["features"] = [parse_feature_kind(k, n_last_blocks)[0] for k in features]  # type: ignore[union-attr]
+    if test is None:
+        return out[0], None, info
     _check_same_features(identities)
     return out[0], out[1], info
 
@@ -249,6 +254,16 @@ def format_result(result: dict[str, Any]) -> str:
                 + f"\nchosen: {b['feature']} lr {b['lr']:.3g} -> test top-1 {b['test_top1']:.2f} %")
         if b["lr"] == max(res["lrs"]) and len(res["lrs"]) > 1:
             body += "\nnote: the largest learning rate won; a grid with larger --lrs (or more --epochs) may do better"
+    elif result["protocol"] == "retrieval":
+        ks = result["ks"]
+        rows = [(name, 100 * m["map"], *(100 * m[f"recall@{k}"] for k in ks), m["n_queries"])
+                for name, m in res.items()]
+        q = result["query"]
+        body = (f"retrieval, cosine similarity, relevant = same class; queries: "
+                f"{q if isinstance(q, str) else q['spec']}\n"
+                + _table(["feature", "mAP %", *(f"R@{k} %" for k in ks), "queries"], rows))
+        return f"backbone: {result.get('backbone', '?')}\ngallery: {result['gallery']['spec']} " \
+               f"({result['gallery']['n']} images, {result['gallery']['n_skipped']} skipped)\n{body}"
     else:
         rows = [(f"{g['C']:.3g}", "-" if g["val_top1"] is None else g["val_top1"],
                  "-" if g["val_top1"] is None else ("yes" if g["converged"] else "no (max_iter)")) for g in res["grid"]]
@@ -287,8 +302,7 @@ def _embed_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(arch=args.arch, random_init=args.random_init, n_last_blocks=args.n_last_blocks,
                 batch_size=args.batch_size, bf16=args.bf16, device=args.device, resize=args.resize, crop=args.crop,
                 num_workers=default_num_workers(args.device, args.num_workers), progress=not args.no_progress,
-                max_train=args.max_train,
-                max_test=args.max_test, seed=args.seed)
+                max_train=getattr(args, "max_train", None), max_test=getattr(args, "max_test", None), seed=args.seed)
 
 
 def _errors() -> tuple[type[BaseException], ...]:
@@ -350,6 +364,103 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_result(result: dict[str, Any], out: Path | None) -> None:
+    if out is not None:
+        from dinokit.eval.dense import write_json
+
+        print(f"wrote {write_json(out, result)}")
+
+
+def format_dense(result: dict[str, Any]) -> str:
+    """A readable summary of a segmentation or depth result."""
+    tr, te = result["train"], result["test"]
+    head = (f"backbone: {result['backbone']}\n"
+            f"train: {tr['spec']} ({tr['n']} images, {tr['n_skipped']} skipped)   "
+            f"test: {te['spec']} ({te['n']} images, {te['n_skipped']} skipped)\n"
+            f"input {result['size']} px, {result['features']}")
+    if result["protocol"] == "segment":
+        rows = [(c, "-" if v is None else 100 * v) for c, v in enumerate(result["per_class_iou"])]
+        return (f"{head}\nlinear segmentation, {result['num_classes']} classes ({result['num_classes_from']}), "
+                f"scales {result['scales']}{' + flips' if result['flip'] else ''}\n"
+                + _table(["class", "IoU %"], rows)
+                + f"\nmIoU {100 * result['miou']:.2f} %   pixel accuracy {100 * result['pixel_accuracy']:.2f} %")
+    return (f"{head}\nlinear depth over {result['n_evaluated']} test maps, depth in ({result['min_depth']}, "
+            f"{result['max_depth']:.3g}] m\nRMSE {result['rmse']:.4f} m   AbsRel {result['abs_rel']:.4f}   "
+            f"delta<1.25 {100 * result['delta1']:.2f} %")
+
+
+def _run_dense(args: argparse.Namespace) -> int:
+    from dinokit.eval.dense import MS_SCALES, evaluate_depth, evaluate_segmentation
+
+    ms = getattr(args, "ms", False)
+    common = dict(layers=4 if ms else args.layers, size=args.size, epochs=args.epochs, lr=args.lr,
+                  batch_size=args.batch_size, arch=args.arch, random_init=args.random_init, device=args.device,
+                  cache_dir=args.cache, seed=args.seed, progress=not args.no_progress)
+    try:
+        if args.protocol == "segment":
+            result = evaluate_segmentation(args.backbone, args.train, args.test, num_classes=args.num_classes,
+                                           scales=MS_SCALES if ms else tuple(args.scales),
+                                           flip=ms or args.flip, **common).result
+        else:
+            result = evaluate_depth(args.backbone, args.train, args.test, depth_scale=args.depth_scale,
+                                    min_depth=args.min_depth, max_depth=args.max_depth, **common)
+    except _errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_dense(result))
+    _write_result(result, args.out)
+    return 0
+
+
+def _run_retrieval(args: argparse.Namespace) -> int:
+    from dinokit.eval.retrieval import evaluate_retrieval
+
+    kw = _embed_kwargs(args)
+    kw["max_train"], kw["max_test"] = args.max_gallery, args.max_query
+    try:
+        result = evaluate_retrieval(args.backbone, args.gallery, args.query, features=args.features, ks=args.ks, **kw)
+    except _errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_result(result))
+    _write_result(result, args.out)
+    return 0
+
+
+def add_dense_arguments(p: argparse.ArgumentParser, protocol: str) -> None:
+    """Options of `dinokit eval segment|depth` (and `dinokit viz segment`)."""
+    p.add_argument("backbone", help="run folder, transformers / timm folder, checkpoint file (+ --arch), architecture "
+                                    "name, or pixels (each 14 px patch's raw pixels)")
+    p.add_argument("--arch", default=None, help="architecture of a checkpoint file (default dinov2_vits14)")
+    p.add_argument("--random-init", action="store_true", help="run folder: its architecture, random weights")
+    p.add_argument("--train", required=True, help="folder with images/ and " + (
+        "masks/ (or a VOC2012:SPLIT / ADEChallengeData2016:SPLIT folder)" if protocol == "segment" else "depth/"))
+    p.add_argument("--test", required=True, help="the same layout as --train")
+    p.add_argument("--size", type=int, default=None,
+                   help="input side, a multiple of the patch (default: the images' median short side, <= 37 patches)")
+    p.add_argument("--layers", type=int, default=1, choices=[1, 4], help="patch tokens of the last 1 or 4 blocks")
+    p.add_argument("--epochs", type=int, default=20, help="probe training epochs")
+    p.add_argument("--lr", type=float, default=1e-3, help="probe AdamW learning rate (cosine schedule)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per probe step (and per forward)")
+    p.add_argument("--cache", type=Path, default=None, help="feature cache folder (reused, resumable)")
+    p.add_argument("--device", default=None, help="cuda / cpu (default cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    if protocol == "segment":
+        p.add_argument("--num-classes", type=int, default=None,
+                       help="default: VOC 21, ADE20k 150, else 1 + the largest index in the train masks")
+        p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test-time input scales")
+        p.add_argument("--flip", action="store_true", help="also average over horizontal flips at test time")
+        p.add_argument("--ms", action="store_true",
+                       help="the '+ms' setting: last 4 blocks, scales 0.5-1.75 and flips at test time")
+    else:
+        p.add_argument("--depth-scale", type=float, default=1000.0,
+                       help="PNG value per metre (NYU exports: 1000, KITTI: 256)")
+        p.add_argument("--min-depth", type=float, default=1e-3, help="metres; smaller ground truth is 'no measurement'")
+        p.add_argument("--max-depth", type=float, default=None, help="metres (default: the train maps' largest; "
+                                                                     "NYU 10, KITTI 80)")
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register `embed` and `eval {knn,linear,logreg}` on a `dinokit` sub-command parser."""
     emb = subparsers.add_parser("embed", help="write frozen-backbone features of a data set to safetensors shards")
@@ -358,7 +469,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     emb.add_argument("--split", default="train", help="train / test (Fashion-MNIST)")
     emb.add_argument("--out", type=Path, required=True, help="feature folder (manifest.json + shards)")
     emb.add_argument("--features", nargs="+", default=["cls"],
-                     help="cls, avgpool, cls_lastN, cls_lastN_avgpool (N = --n-last-blocks) or cls_last<n>[_avgpool]")
+                     help="cls, avgpool, gem, cls_lastN, cls_lastN_avgpool (N = --n-last-blocks) or cls_last<n>[_avgpool]")
     emb.add_argument("--shard-size", type=int, default=65536, help="rows per shard")
     emb.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"])
     emb.add_argument("--max-images", type=int, default=None, help="seeded random subset of the data")
@@ -398,3 +509,20 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                            help="stop the ascending C sweep after this many Cs without a better validation "
                                 "accuracy (0: try every C)")
         p.set_defaults(func=_run_eval)
+    dense_helps = {"segment": "linear segmentation probe on frozen patch tokens (mIoU)",
+                   "depth": "linear depth probe on frozen patch + [CLS] tokens (RMSE, AbsRel, delta<1.25)"}
+    for name, text in dense_helps.items():
+        p = protocols.add_parser(name, help=text)
+        add_dense_arguments(p, name)
+        p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+        p.set_defaults(func=_run_dense)
+    p = protocols.add_parser("retrieval", help="cosine retrieval: mAP and recall@k, class folders as relevance")
+    _add_embed_options(p)
+    p.add_argument("--gallery", required=True, help="gallery: image folder with class sub-folders, or feature folder")
+    p.add_argument("--query", default=None, help="query set in the same form (default: leave-one-out in the gallery)")
+    p.add_argument("--features", nargs="+", default=["cls", "gem"], help="cls, gem, avgpool, ...")
+    p.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="recall@k")
+    p.add_argument("--max-gallery", type=int, default=None, help="seeded random subset of the gallery")
+    p.add_argument("--max-query", type=int, default=None, help="seeded random subset of the queries")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.set_defaults(func=_run_retrieval)

@@ -6,6 +6,8 @@ return_class_token=True, norm=True)`; every output goes through the final LayerN
 - `cls`: the normed [CLS] token of the last block (= `x_norm_clstoken`), (B, D);
 - `avgpool`: mean of the last block's normed patch tokens (= mean of `x_norm_patchtokens`; registers
   excluded), (B, D);
+- `gem`: generalised mean (p = 3) of the last block's normed patch tokens, clamped at 1e-6 as GeM
+  pooling is defined for non-negative activations (Radenovic et al., 2018), (B, D);
 - `cls_last{n}` (`cls_lastN` means n = `n_last_blocks`): the normed [CLS] of the last n blocks
   concatenated, earliest first, (B, n * D);
 - `cls_last{n}_avgpool`: the official DINOv2 linear-probe input, `cls_last{n}` followed by the
@@ -66,6 +68,7 @@ __all__ = [
 OFFICIAL_LINEAR_FEATURES: tuple[str, ...] = ("cls_last1", "cls_last1_avgpool", "cls_last4", "cls_last4_avgpool")
 MANIFEST = "manifest.json"
 LABELS_FILE = "labels.safetensors"
+GEM_P, GEM_EPS = 3.0, 1e-6
 _KIND_RE = re.compile(r"^cls_last(\d+|N)(_avgpool)?$")
 _DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -107,9 +110,12 @@ def parse_feature_kind(kind: str, n_last_blocks: int = 4) -> tuple[str, int, boo
         return "cls", 1, False
     if kind == "avgpool":
         return "avgpool", 1, True
+    if kind == "gem":
+        return "gem", 1, True
     m = _KIND_RE.match(kind)
     if not m:
-        raise ValueError(f"unknown feature kind {kind!r}: use cls, avgpool, cls_last<n>[_avgpool] or cls_lastN[_avgpool]")
+        raise ValueError(f"unknown feature kind {kind!r}: use cls, avgpool, gem, cls_last<n>[_avgpool] or "
+                         "cls_lastN[_avgpool]")
     n = n_last_blocks if m.group(1) == "N" else int(m.group(1))
     if n < 1:
         raise ValueError(f"feature kind {kind!r}: the number of blocks must be >= 1")
@@ -135,6 +141,8 @@ def _compute_kinds(model: nn.Module, x: Tensor, parsed: Sequence[tuple[str, int,
             f = outs[-1][1]
         elif name == "avgpool":
             f = outs[-1][0].mean(dim=1)
+        elif name == "gem":
+            f = outs[-1][0].float().clamp(min=GEM_EPS).pow(GEM_P).mean(dim=1).pow(1.0 / GEM_P)
         else:
             parts = [cls for _, cls in outs[-n:]]
             if avg:

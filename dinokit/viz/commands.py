@@ -3,6 +3,7 @@
     dinokit viz attention dinov2_vits14_reg.pth dog.jpg cat.jpg --arch dinov2_vits14_reg --out pics/ --threshold 0.6
     dinokit viz pca runs/vits14 dog.jpg cat.jpg --out pics/pca.png
     dinokit viz curves runs/vits14 --out pics/curves.png
+    dinokit viz segment runs/vits14 --train scenes/train --test scenes/test --out pics/segment
 
 BACKBONE is anything `dinokit.checkpoint.resolve.resolve_backbone` takes: a run folder (its
 teacher), a checkpoint file with `--arch`, or an architecture name (random weights).
@@ -88,6 +89,31 @@ def _curves(args: argparse.Namespace) -> int:
     return 0
 
 
+def _segment(args: argparse.Namespace) -> int:
+    from dinokit.eval.commands import format_dense
+    from dinokit.eval.dense import MS_SCALES, evaluate_segmentation, write_json
+    from dinokit.eval.dense_data import read_mask
+    from dinokit.viz.segment import segmentation_picture
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not (out / "segment.json").exists():
+        raise ValueError(f"{out} exists, is not empty and holds no earlier segment.json; give a new folder")
+    run = evaluate_segmentation(args.backbone, args.train, args.test, layers=4 if args.ms else args.layers,
+                                scales=MS_SCALES if args.ms else tuple(args.scales), flip=args.ms or args.flip,
+                                size=args.size, num_classes=args.num_classes, epochs=args.epochs, lr=args.lr,
+                                batch_size=args.batch_size, arch=args.arch, random_init=args.random_init,
+                                device=None if args.device == "auto" else args.device, cache_dir=args.cache,
+                                seed=args.seed, keep_predictions=args.n, progress=not args.no_progress)
+    images = [read_image(run.test.images[i]) for i in run.prediction_index]
+    truths = [read_mask(run.test.labels[i], im.size, run.test.reduce_zero_label)
+              for i, im in zip(run.prediction_index, images)]
+    picture = segmentation_picture(images, truths, run.predictions, run.result["num_classes"], out / "segment.png")
+    run.result["picture"] = picture.name
+    print(format_dense(run.result))
+    print(f"wrote {picture} and {write_json(out / 'segment.json', run.result)}")
+    return 0
+
+
 def _guarded(func: Any) -> Any:
     """Turn expected failures (bad file, unknown backbone) into `error: ...` and exit status 2."""
 
@@ -96,7 +122,7 @@ def _guarded(func: Any) -> Any:
 
         try:
             return int(func(args))
-        except (CheckpointError, ValueError, OSError, ImportError) as exc:
+        except (CheckpointError, ValueError, OSError, ImportError, KeyError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
 
@@ -114,7 +140,7 @@ def _backbone_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_commands(subparsers: Any) -> argparse.ArgumentParser:
-    """Register `viz attention|pca|curves` on the main parser's subparsers; returns `viz`.
+    """Register `viz attention|pca|segment|curves` on the main parser's subparsers; returns `viz`.
 
     Each command sets `func(args) -> exit status` (0 ok, 2 for a bad input with a message).
 
@@ -124,7 +150,7 @@ def add_commands(subparsers: Any) -> argparse.ArgumentParser:
         >>> args = parser.parse_args(["viz", "curves", "runs/tiny", "--out", "curves.png"])
         >>> args.func(args)
     """
-    viz = subparsers.add_parser("viz", help="pictures: attention maps, PCA of patch features, training curves")
+    viz = subparsers.add_parser("viz", help="pictures: attention maps, PCA of patch features, segmentation, training curves")
     sub = viz.add_subparsers(dest="viz_command", required=True)
 
     att = sub.add_parser("attention", help="last-block [CLS] attention maps per head (DINO's object masks)")
@@ -143,6 +169,14 @@ def add_commands(subparsers: Any) -> argparse.ArgumentParser:
                      help="side of the threshold that is foreground (auto: the smaller)")
     pca.add_argument("--no-foreground", action="store_true", help="plain PCA of all patches, no background removal")
     pca.set_defaults(func=_guarded(_pca))
+
+    seg = sub.add_parser("segment", help="image / ground truth / prediction of a linear segmentation probe")
+    from dinokit.eval.commands import add_dense_arguments
+
+    add_dense_arguments(seg, "segment")
+    seg.add_argument("--out", type=Path, required=True, help="folder for segment.png and segment.json")
+    seg.add_argument("--n", type=int, default=6, help="test images shown")
+    seg.set_defaults(func=_guarded(_segment))
 
     cur = sub.add_parser("curves", help="loss, schedules, health signals and k-NN accuracy of a run")
     cur.add_argument("run_dir", type=Path, help="run folder (or its metrics.jsonl)")
