@@ -270,7 +270,7 @@ def _train_probe(
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             count += len(idx)
         losses.append(total / max(1, count))
     probe.eval()
