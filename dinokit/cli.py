@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="DINOv2 / DINO pretraining on a folder of images (resumes an existing --out)")
     tr.add_argument("data", help="image folder, file list, or Fashion-MNIST folder (with data.dataset=...)")
-    tr.add_argument("--preset", default="tiny", help="tiny, vits14, vitb14, vitl14, vitg14, vitl16_short, dino_vits16")
+    tr.add_argument("--preset", default="tiny", help="tiny, vits14, vitb14, vitl14, vitg14, vitl16_short, dino_vits16, dino_resnet50")
     tr.add_argument("--out", type=Path, required=True, help="run folder (created, or resumed if it exists)")
     tr.add_argument("--init", default=None, metavar="BACKBONE",
                     help="start from these weights: a run folder, an official hub or training checkpoint, "

@@ -31,7 +31,9 @@ from typing import Any, Literal
 
 import yaml
 
-from dinokit.models.builders import VIT_SIZES, ViTArgs, vit_args
+from torch import nn
+
+from dinokit.models.builders import CONV_ARCHS, VIT_SIZES, ViTArgs, vit_args
 from dinokit.train.schedules import scaled_lr
 
 __all__ = [
@@ -675,13 +677,21 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     need(bool(d.split), "data.split must not be empty")
 
-    need(m.arch in VIT_SIZES, f"model.arch: unknown ViT size {m.arch!r}; known: {', '.join(VIT_SIZES)}")
+    resnet = m.arch in CONV_ARCHS
+    need(m.arch in VIT_SIZES or resnet,
+         f"model.arch: unknown architecture {m.arch!r}; known: {', '.join([*VIT_SIZES, *CONV_ARCHS])}")
+    if resnet:
+        need(lo.mode == "dino", f"model.arch={m.arch} trains with loss.mode=dino (DINO v1): iBOT and KoLeo need "
+                                f"ViT tokens, got loss.mode={lo.mode}")
+        need(tr.compile not in (True, "blocks"), f"model.arch={m.arch}: train.compile=blocks compiles ViT blocks; "
+                                                 "use step or false")
+        need(not cfg.distill.teacher, f"model.arch={m.arch}: distillation students are ViTs")
     need(m.patch_size >= 1, f"model.patch_size must be >= 1, got {m.patch_size}")
-    p = max(m.patch_size, 1)
+    p = 1 if resnet else max(m.patch_size, 1)
     for name in ("img_size", "in_chans", "embed_dim", "depth", "num_heads"):
         value = getattr(m, name)
         need(value is None or value >= 1, f"model.{name} must be >= 1, got {value}")
-    need(m.img_size % p == 0, f"model.img_size ({m.img_size}) must be a multiple of model.patch_size ({p})")
+    need(resnet or m.img_size % p == 0, f"model.img_size ({m.img_size}) must be a multiple of model.patch_size ({p})")
     dim, _, heads = VIT_SIZES.get(m.arch, (m.embed_dim or 1, 0, m.num_heads or 1))
     dim, heads = m.embed_dim or dim, m.num_heads or heads
     need(heads < 1 or dim % heads == 0, f"model.embed_dim ({dim}) must be divisible by model.num_heads ({heads})")
@@ -894,6 +904,16 @@ def _walk_floats(obj: Any, prefix: str) -> list[tuple[str, float]]:
 # --------------------------------------------------------------------------------------------
 # Mapping onto the code
 # --------------------------------------------------------------------------------------------
+
+
+def backbone_from_config(model: ModelConfig, **overrides: Any) -> nn.Module:
+    """The backbone of `model`: a `ResNetBackbone` for `resnet50` (DINO v1's ResNet-50), else the
+    ViT of `vit_args_from_config(model, **overrides)`."""
+    if model.arch in CONV_ARCHS:
+        from dinokit.models.resnet import ResNetBackbone
+
+        return ResNetBackbone()
+    return vit_args_from_config(model, **overrides).build()
 
 
 def vit_args_from_config(model: ModelConfig, **overrides: Any) -> ViTArgs:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dinokit.checkpoint.foreign import is_foreign_folder, not_a_backbone_folder, read_foreign_folder
 from dinokit.checkpoint.loading import CheckpointError, backbone_state_dict, load_into, read_checkpoint, with_mask_token
-from dinokit.models.builders import OFFICIAL_ARCHS, build_official
+from dinokit.models.builders import OFFICIAL_NAMES, build_official
 from dinokit.models.vision_transformer import VisionTransformer
 
 
@@ -59,24 +59,24 @@ def resolve_backbone(spec: str | Path, arch: str | None = None, random_init: boo
         return _from_run(path, random_init)
     if path.is_file():
         name = arch or "dinov2_vits14"
-        if name not in OFFICIAL_ARCHS:
-            raise CheckpointError(f"unknown --arch {name!r}; known: {', '.join(OFFICIAL_ARCHS)}")
+        if name not in OFFICIAL_NAMES:
+            raise CheckpointError(f"unknown --arch {name!r}; known: {', '.join(OFFICIAL_NAMES)}")
         model = build_official(name)
         state = with_mask_token(model, backbone_state_dict(read_checkpoint(path)))
         _fit_grid(model, state)
         load_into(model, state, source=str(path))
         return ResolvedBackbone(model.eval(), f"{path} ({name})", 224)
-    if str(spec) in OFFICIAL_ARCHS:
+    if str(spec) in OFFICIAL_NAMES:
         model = build_official(str(spec))
         return ResolvedBackbone(model.eval(), f"{spec} (random initialisation)", 224)
     raise CheckpointError(
         f"{spec} is neither a run folder, a transformers / timm folder, a checkpoint file nor an architecture name "
-        f"({', '.join(OFFICIAL_ARCHS)})"
+        f"({', '.join(OFFICIAL_NAMES)})"
     )
 
 
 def _from_run(run_dir: Path, random_init: bool) -> ResolvedBackbone:
-    from dinokit.config import load_config_file, vit_args_from_config
+    from dinokit.config import backbone_from_config, load_config_file
 
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
@@ -86,7 +86,7 @@ def _from_run(run_dir: Path, random_init: bool) -> ResolvedBackbone:
         names = ", ".join(sorted(p.name for p in (run_dir / "students").iterdir())) if (run_dir / "students").is_dir() else ""
         raise CheckpointError(f"{run_dir} is a distillation run: name one of its students, {run_dir}/students/NAME"
                               + (f" ({names})" if names else ""))
-    model = vit_args_from_config(cfg.model, use_mask_token=cfg.loss.mode != "dino").build()
+    model = backbone_from_config(cfg.model, use_mask_token=cfg.loss.mode != "dino")
     weights = run_dir / "teacher_backbone.safetensors"
     image_size = cfg.crops.global_size
     if random_init:
@@ -107,7 +107,7 @@ def _fit_grid(model: VisionTransformer, state: dict) -> int | None:
     """Give `model` the positional grid stored in `state` when it differs (another training size
     than the architecture's default); returns that grid's side, or None when it already fits."""
     pos = state.get("pos_embed")
-    if pos is None or pos.shape == model.pos_embed.shape or pos.dim() != 3 or pos.shape[-1] != model.embed_dim:
+    if pos is None or not hasattr(model, "pos_embed") or pos.shape == model.pos_embed.shape or pos.dim() != 3 or pos.shape[-1] != model.embed_dim:
         return None  # a wrong width is left for load_into to name
     grid = math.isqrt(pos.shape[1] - 1)
     if grid * grid != pos.shape[1] - 1:

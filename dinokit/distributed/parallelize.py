@@ -24,6 +24,7 @@ the parameters by sharded DTensors; the optimizer must hold those).
 from __future__ import annotations
 
 import inspect
+import logging
 
 import torch
 from torch import nn
@@ -35,7 +36,9 @@ from torch.nn.parallel import DistributedDataParallel
 from dinokit.config import DistributedConfig
 from dinokit.distributed.env import DistEnv
 
-__all__ = ["DTYPES", "parallelize"]
+__all__ = ["DTYPES", "parallelize", "sync_batchnorm"]
+
+log = logging.getLogger("dinokit.train")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -61,10 +64,29 @@ def parallelize(model: nn.Module, cfg: DistributedConfig, env: DistEnv, find_unu
         return model
     if not env.distributed:
         raise RuntimeError(f"train.distributed.strategy {cfg.strategy!r} needs a process group (launch with torchrun)")
+    sync_batchnorm(model, env.device.type)
     if cfg.strategy == "ddp":
         return _apply_ddp(model, cfg, env, find_unused_parameters)
     _apply_fsdp(model, cfg, env)
     return model
+
+
+def sync_batchnorm(model: nn.Module, device_type: str) -> bool:
+    """BatchNorm statistics over the global batch, as DINO trains its ResNet-50: every BatchNorm of
+    the student and teacher networks becomes a SyncBatchNorm. PyTorch's SyncBatchNorm runs on
+    GPUs only; on CPU processes (gloo) the statistics stay per process, with a warning. Returns
+    whether anything was converted (False: no BatchNorm, or not on a GPU)."""
+    nets = model.networks() if hasattr(model, "networks") else [model]
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for net in nets for m in net.modules())
+    if not has_bn:
+        return False
+    if device_type == "cpu":
+        log.warning("BatchNorm statistics stay per process: PyTorch's SyncBatchNorm needs GPUs")
+        return False
+    for net in nets:
+        for name, child in list(net.named_children()):
+            net.add_module(name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+    return True
 
 
 def _apply_ddp(model: nn.Module, cfg: DistributedConfig, env: DistEnv, find_unused_parameters: bool) -> nn.Module:

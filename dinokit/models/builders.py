@@ -91,14 +91,27 @@ OFFICIAL_ARCHS: dict[str, ViTArgs] = {
 }
 
 
+# Convolutional backbones: the `model.arch` of a training config -> the released model's name.
+CONV_ARCHS: dict[str, str] = {"resnet50": "dino_resnet50"}
+# Every name `build_official` takes.
+OFFICIAL_NAMES: tuple[str, ...] = (*OFFICIAL_ARCHS, *CONV_ARCHS.values())
+
+
 def build_official(name: str, **overrides: Any) -> VisionTransformer:
     """The architecture of a released DINO / DINOv2 backbone (random weights; load them after).
+    `dino_resnet50` is DINO's ResNet-50 (`dinokit.models.resnet.ResNetBackbone`, no overrides).
 
     Example:
         >>> model = build_official("dinov2_vits14")
         >>> sorted(model.state_dict())[:2]
         ['blocks.0.attn.proj.bias', 'blocks.0.attn.proj.weight']
     """
+    if name in CONV_ARCHS.values():
+        if overrides:
+            raise ValueError(f"{name} takes no overrides, got {sorted(overrides)}")
+        from dinokit.models.resnet import ResNetBackbone
+
+        return ResNetBackbone()  # type: ignore[return-value]
     if name not in OFFICIAL_ARCHS:
-        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(OFFICIAL_ARCHS)}")
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(OFFICIAL_NAMES)}")
     return replace(OFFICIAL_ARCHS[name], **overrides).build()

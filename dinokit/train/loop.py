@@ -51,6 +51,7 @@ from dinokit.checkpoint.training import (
     set_rng_state,
 )
 from dinokit.config import (
+    backbone_from_config,
     Config,
     ConfigError,
     CropsConfig,
@@ -62,7 +63,6 @@ from dinokit.config import (
     schedule_args,
     student_models,
     validate,
-    vit_args_from_config,
 )
 from dinokit.data.datasets import FashionMNIST, FileListDataset, ImageFolderDataset
 from dinokit.data.batch_augment import BatchMultiCrop, SourceImage
@@ -147,7 +147,7 @@ def build_model(cfg: Config, run_dir: Path | None = None,
         return apply_compute_options(build_distill_model(cfg, run_dir, teacher), cfg.train)
     v1 = cfg.loss.mode == "dino"
     model = SSLModel(
-        vit_args_from_config(cfg.model, use_mask_token=not v1).build(),
+        backbone_from_config(cfg.model, use_mask_token=not v1),
         cfg.head,
         cfg.loss.ibot_head if cfg.loss.separate_ibot_head else None,
         LossArgs(
@@ -748,9 +748,9 @@ def _online_knn(knn: OnlineKNN | None, model: nn.Module, cfg: Config, env: DistE
         if knn is None:
             return None
         with torch.random.fork_rng(devices=[]):  # building draws init numbers; training must not see it
-            backbone = vit_args_from_config(_released_model_config(cfg, name),
-                                            use_mask_token=cfg.loss.mode != "dino").build()
-        backbone.resize_pos_embed_(math.isqrt(state["pos_embed"].shape[1] - 1) * backbone.patch_size)
+            backbone = backbone_from_config(_released_model_config(cfg, name), use_mask_token=cfg.loss.mode != "dino")
+        if "pos_embed" in state:
+            backbone.resize_pos_embed_(math.isqrt(state["pos_embed"].shape[1] - 1) * backbone.patch_size)
         backbone.load_state_dict(state)
         backbone.to(env.device)
     return knn.evaluate(backbone) if knn is not None else None

@@ -51,7 +51,8 @@ def param_infos(
         lr_mult = lr_decay_rate ** (n_blocks + 1 - layer_id(name)) if layer_id is not None else 1.0
         if "patch_embed" in name:
             lr_mult *= patch_embed_lr_mult
-        no_decay = name.endswith(".bias") or "norm" in name or "gamma" in name
+        # 1-D tensors are biases, LayerNorm / BatchNorm parameters and LayerScale gammas.
+        no_decay = param.ndim <= 1 or name.endswith(".bias") or "norm" in name or "gamma" in name
         if not decay_tokens and name in no_wd_names:
             no_decay = True
         infos.append(ParamInfo(name, param, lr_mult, 0.0 if no_decay else 1.0, "last_layer" in name))

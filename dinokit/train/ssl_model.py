@@ -147,6 +147,12 @@ class SSLModel(nn.Module):
     def train(self, mode: bool = True) -> SSLModel:
         super().train(mode)
         self.teacher.eval()  # only the student trains; the teacher is updated by EMA
+        # BatchNorm layers of a teacher (DINO's ResNet-50) normalise with the batch's statistics
+        # in training, as in the official code, where the teacher is never put in eval mode; their
+        # running statistics, which the EMA does not carry, are what the exported teacher uses.
+        for module in self.teacher.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.train(mode)
         return self
 
     def _ibot_head(self, net: nn.ModuleDict) -> nn.Module:
