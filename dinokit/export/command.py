@@ -101,6 +101,10 @@ def export_backbone(spec: str | Path, target: str, out: Path, arch: str | None =
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} exists and is not an empty folder; choose a new --out")
     resolved = resolve_backbone(spec, arch=arch)
+    if not isinstance(resolved.model, VisionTransformer):
+        raise ExportError(f"{spec}: export writes ViT backbones; {type(resolved.model).__name__} is not one "
+                          "(a ResNet-50 is already in torchvision's layout: load teacher_backbone.safetensors into "
+                          "torchvision.models.resnet50 with fc = Identity)")
     model = _with_grid(resolved.model, img_size) if img_size else resolved.model
     image_size = img_size or resolved.image_size
     created = not out.exists()
