@@ -107,3 +107,12 @@ def test_train_resnet50_preset_and_evaluate_its_run(noise_images: Path, tmp_path
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
               if '"loss"' in line]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+
+
+def test_dense_features_of_a_resnet_concatenate_its_last_stages() -> None:
+    from dinokit.eval.dense import patch_grid
+
+    model = build_official("dino_resnet50").eval()
+    with torch.no_grad():
+        grid = patch_grid(model, torch.randn(2, 3, 64, 64), layers=4, with_cls=True)
+    assert grid.shape == (2, 2 * (256 + 512 + 1024 + 2048), 2, 2)

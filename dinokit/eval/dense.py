@@ -85,8 +85,11 @@ def patch_grid(model: nn.Module, x: Tensor, layers: int = 1, with_cls: bool = Fa
             grid = torch.cat([grid, x.mean(dim=(2, 3), keepdim=True).expand(-1, -1, *grid.shape[2:])], dim=1)
         return grid
     outs = model.get_intermediate_layers(x, n=layers, reshape=True, return_class_token=True, norm=True)
+    grid = outs[-1][0].shape[-2:]
     parts: list[Tensor] = []
     for patches, cls in outs:
+        if patches.shape[-2:] != grid:  # a ResNet's earlier stages: finer maps, resized to the last one's
+            patches = F.interpolate(patches, size=grid, mode="bilinear", align_corners=False)
         parts.append(patches)
         if with_cls:
             parts.append(cls[:, :, None, None].expand_as(patches))
