@@ -389,21 +389,30 @@ def format_dense(result: dict[str, Any]) -> str:
             f"delta<1.25 {100 * result['delta1']:.2f} %")
 
 
-def _run_dense(args: argparse.Namespace) -> int:
-    from dinokit.eval.dense import MS_SCALES, evaluate_depth, evaluate_segmentation
+def dense_kwargs(args: argparse.Namespace, protocol: str) -> dict[str, Any]:
+    """Keyword arguments of `evaluate_segmentation` / `evaluate_depth` from `add_dense_arguments`'s options."""
+    from dinokit.eval.dense import MS_SCALES
 
-    ms = getattr(args, "ms", False)
-    common = dict(layers=4 if ms else args.layers, size=args.size, epochs=args.epochs, lr=args.lr,
-                  batch_size=args.batch_size, arch=args.arch, random_init=args.random_init, device=args.device,
-                  cache_dir=args.cache, seed=args.seed, progress=not args.no_progress)
+    kw: dict[str, Any] = dict(size=args.size, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                              arch=args.arch, random_init=args.random_init, cache_dir=args.cache, seed=args.seed,
+                              device=None if args.device == "auto" else args.device, progress=not args.no_progress)
+    if protocol == "segment":
+        kw.update(layers=4 if args.ms else args.layers, scales=MS_SCALES if args.ms else tuple(args.scales),
+                  flip=args.ms or args.flip, num_classes=args.num_classes)
+    else:
+        kw.update(layers=args.layers, depth_scale=args.depth_scale, min_depth=args.min_depth, max_depth=args.max_depth)
+    return kw
+
+
+def _run_dense(args: argparse.Namespace) -> int:
+    from dinokit.eval.dense import evaluate_depth, evaluate_segmentation
+
     try:
+        kw = dense_kwargs(args, args.protocol)
         if args.protocol == "segment":
-            result = evaluate_segmentation(args.backbone, args.train, args.test, num_classes=args.num_classes,
-                                           scales=MS_SCALES if ms else tuple(args.scales),
-                                           flip=ms or args.flip, **common).result
+            result = evaluate_segmentation(args.backbone, args.train, args.test, **kw).result
         else:
-            result = evaluate_depth(args.backbone, args.train, args.test, depth_scale=args.depth_scale,
-                                    min_depth=args.min_depth, max_depth=args.max_depth, **common)
+            result = evaluate_depth(args.backbone, args.train, args.test, **kw)
     except _errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -90,20 +90,16 @@ def _curves(args: argparse.Namespace) -> int:
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from dinokit.eval.commands import format_dense
-    from dinokit.eval.dense import MS_SCALES, evaluate_segmentation, write_json
+    from dinokit.eval.commands import dense_kwargs, format_dense
+    from dinokit.eval.dense import evaluate_segmentation, write_json
     from dinokit.eval.dense_data import read_mask
     from dinokit.viz.segment import segmentation_picture
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not (out / "segment.json").exists():
         raise ValueError(f"{out} exists, is not empty and holds no earlier segment.json; give a new folder")
-    run = evaluate_segmentation(args.backbone, args.train, args.test, layers=4 if args.ms else args.layers,
-                                scales=MS_SCALES if args.ms else tuple(args.scales), flip=args.ms or args.flip,
-                                size=args.size, num_classes=args.num_classes, epochs=args.epochs, lr=args.lr,
-                                batch_size=args.batch_size, arch=args.arch, random_init=args.random_init,
-                                device=None if args.device == "auto" else args.device, cache_dir=args.cache,
-                                seed=args.seed, keep_predictions=args.n, progress=not args.no_progress)
+    run = evaluate_segmentation(args.backbone, args.train, args.test, keep_predictions=args.n,
+                                **dense_kwargs(args, "segment"))
     images = [read_image(run.test.images[i]) for i in run.prediction_index]
     truths = [read_mask(run.test.labels[i], im.size, run.test.reduce_zero_label)
               for i, im in zip(run.prediction_index, images)]
