@@ -2,12 +2,12 @@
 # Dense and retrieval evaluations on a constructed data set: Fashion-MNIST garments composed into
 # scenes with exact masks and a made-up depth (see dinokit/scenes.py), a backbone vs random init
 # vs raw pixels, and a picture of the segmentation probe.
-#   bash scripts/dense_demo.sh OUT [BACKBONE]     (BACKBONE default: runs/quickstart)
+#   bash scripts/dense_demo.sh OUT [BACKBONE]     (BACKBONE default: runs/quickstart/run, the quickstart model)
 # OUT must be new or empty. Needs Fashion-MNIST (Debian package dataset-fashion-mnist).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash scripts/dense_demo.sh OUT [BACKBONE]}
-MODEL=${2:-runs/quickstart}
+MODEL=${2:-runs/quickstart/run}
 if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT")" ]; then
   echo "error: $OUT exists and is not empty; give a new folder" >&2
   exit 2
