@@ -92,7 +92,7 @@ def test_sync_batchnorm_on_gpus_only(caplog: pytest.LogCaptureFixture) -> None:
     assert sync_batchnorm(vit, "cuda") is False
 
 
-def test_train_resnet50_preset_and_evaluate_its_run(noise_images: Path, tmp_path: Path) -> None:
+def test_train_resnet50_preset_and_resolve_its_run(noise_images: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     overrides = ["crops.global_size=32", "crops.local_size=16", "crops.local_number=2", "optim.batch_size=4",
                  "head.out_dim=64", "head.hidden_dim=32", "head.bottleneck_dim=16", "train.max_steps=2",

@@ -17,12 +17,11 @@ folder written by `dinokit embed` (then nothing is re-embedded). From Python, a 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -43,6 +42,7 @@ from dinokit.eval.embed import (
     resolve_feature_model,
     subset,
     write_feature_shards,
+    write_json,
 )
 
 __all__ = ["add_commands", "evaluate_knn", "evaluate_linear", "evaluate_logreg", "split_features"]
@@ -337,38 +337,37 @@ def _run_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_eval(args: argparse.Namespace) -> int:
-    kw = _embed_kwargs(args)
+def _report(evaluate: Callable[[], dict[str, Any]], formatter: Callable[[dict[str, Any]], str],
+            out: Path | None) -> int:
+    """Run one evaluation for the command line: a bad input prints `error: ...` and gives exit
+    status 2; otherwise the table is printed and the JSON written to `out` (when given)."""
     try:
-        if args.protocol == "knn":
-            result = evaluate_knn(args.backbone, args.train, args.test, ks=args.ks, temperature=args.temperature,
-                                  few_shot=args.few_shot, feature=args.feature, **kw)
-        elif args.protocol == "linear":
-            result = evaluate_linear(args.backbone, args.train, args.test, features=args.features, lrs=args.lrs,
-                                     epochs=args.epochs, probe_batch_size=args.probe_batch_size,
-                                     val_fraction=args.val_fraction, **kw)
-        else:
-            result = evaluate_logreg(args.backbone, args.train, args.test, feature=args.feature, cs=args.cs,
-                                     val_fraction=args.val_fraction, max_iter=args.max_iter,
-                                     patience=args.patience or None, **kw)
+        result = evaluate()
     except _errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(format_result(result))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, args.out)
-        print(f"wrote {args.out}")
+    print(formatter(result))
+    if out is not None:
+        print(f"wrote {write_json(out, result)}")
     return 0
 
 
-def _write_result(result: dict[str, Any], out: Path | None) -> None:
-    if out is not None:
-        from dinokit.eval.dense import write_json
+def _run_eval(args: argparse.Namespace) -> int:
+    kw = _embed_kwargs(args)
 
-        print(f"wrote {write_json(out, result)}")
+    def evaluate() -> dict[str, Any]:
+        if args.protocol == "knn":
+            return evaluate_knn(args.backbone, args.train, args.test, ks=args.ks, temperature=args.temperature,
+                                few_shot=args.few_shot, feature=args.feature, **kw)
+        if args.protocol == "linear":
+            return evaluate_linear(args.backbone, args.train, args.test, features=args.features, lrs=args.lrs,
+                                   epochs=args.epochs, probe_batch_size=args.probe_batch_size,
+                                   val_fraction=args.val_fraction, **kw)
+        return evaluate_logreg(args.backbone, args.train, args.test, feature=args.feature, cs=args.cs,
+                               val_fraction=args.val_fraction, max_iter=args.max_iter,
+                               patience=args.patience or None, **kw)
+
+    return _report(evaluate, format_result, args.out)
 
 
 def format_dense(result: dict[str, Any]) -> str:
@@ -407,33 +406,21 @@ def dense_kwargs(args: argparse.Namespace, protocol: str) -> dict[str, Any]:
 def _run_dense(args: argparse.Namespace) -> int:
     from dinokit.eval.dense import evaluate_depth, evaluate_segmentation
 
-    try:
+    def evaluate() -> dict[str, Any]:
         kw = dense_kwargs(args, args.protocol)
         if args.protocol == "segment":
-            result = evaluate_segmentation(args.backbone, args.train, args.test, **kw).result
-        else:
-            result = evaluate_depth(args.backbone, args.train, args.test, **kw)
-    except _errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(format_dense(result))
-    _write_result(result, args.out)
-    return 0
+            return evaluate_segmentation(args.backbone, args.train, args.test, **kw).result
+        return evaluate_depth(args.backbone, args.train, args.test, **kw)
+
+    return _report(evaluate, format_dense, args.out)
 
 
 def _run_retrieval(args: argparse.Namespace) -> int:
     from dinokit.eval.retrieval import evaluate_retrieval
 
-    kw = _embed_kwargs(args)
-    kw["max_train"], kw["max_test"] = args.max_gallery, args.max_query
-    try:
-        result = evaluate_retrieval(args.backbone, args.gallery, args.query, features=args.features, ks=args.ks, **kw)
-    except _errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(format_result(result))
-    _write_result(result, args.out)
-    return 0
+    kw = {**_embed_kwargs(args), "max_train": args.max_gallery, "max_test": args.max_query}
+    return _report(lambda: evaluate_retrieval(args.backbone, args.gallery, args.query, features=args.features,
+                                              ks=args.ks, **kw), format_result, args.out)
 
 
 def add_dense_arguments(p: argparse.ArgumentParser, protocol: str) -> None:

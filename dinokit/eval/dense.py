@@ -25,7 +25,6 @@ atomically, so an interrupted extraction resumes where it stopped.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -128,11 +127,13 @@ class DenseFeatures:
     Attributes:
         features: (M, C, h, w) float16 (M = decodable images, in set order).
         kept: set indices of the M rows.
+        sizes: (width, height) of each kept image as decoded, which its label map must match.
         skipped: file names of images that could not be decoded.
     """
 
     features: Tensor
     kept: list[int]
+    sizes: list[tuple[int, int]]
     skipped: list[str]
 
 
@@ -142,7 +143,7 @@ def _cache_key(model: nn.Module, dense: DenseSet, size: int, layers: int, with_c
         for path in (image, label):
             st = path.stat()
             listing.update(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode())
-    setting = f"dense size={size} layers={layers} cls={with_cls} flip={flip}"
+    setting = f"dense v2 size={size} layers={layers} cls={with_cls} flip={flip}"
     return hashlib.sha256(f"{feature_identity(model, setting, layers)}|{listing.hexdigest()}".encode()).hexdigest()[:16]
 
 
@@ -177,6 +178,7 @@ def dense_features(
         folder.mkdir(parents=True, exist_ok=True)
     rows: list[Tensor] = []
     kept: list[int] = []
+    sizes: list[tuple[int, int]] = []
     skipped: list[str] = []
     chunks = range(0, len(dense), CHUNK)
     if progress:
@@ -189,10 +191,12 @@ def dense_features(
             stored = load_file(str(path))
             rows.append(stored["features"])
             kept.extend(stored["kept"].tolist())
+            sizes.extend((int(w), int(h)) for w, h in stored["sizes"].tolist())
             skipped.extend(dense.images[int(i)].name for i in stored["skipped"].tolist())
             continue
         chunk_rows: list[Tensor] = []
         chunk_kept: list[int] = []
+        chunk_sizes: list[tuple[int, int]] = []
         chunk_skipped: list[int] = []
         for b in range(start, min(start + CHUNK, len(dense)), batch_size):
             inputs = []
@@ -203,24 +207,26 @@ def dense_features(
                     continue
                 inputs.append(_to_input(image, size, flip))
                 chunk_kept.append(i)
+                chunk_sizes.append(image.size)
             if inputs:
                 chunk_rows.append(patch_grid(model, torch.stack(inputs).to(dev), layers, with_cls).half().cpu())
         features = torch.cat(chunk_rows) if chunk_rows else torch.empty(0)
         if path is not None:
             tmp = path.with_suffix(".tmp")
             save_file({"features": features.contiguous(), "kept": torch.tensor(chunk_kept, dtype=torch.int64),
+                       "sizes": torch.tensor(chunk_sizes, dtype=torch.int64).reshape(-1, 2),
                        "skipped": torch.tensor(chunk_skipped, dtype=torch.int64)}, str(tmp))
             os.replace(tmp, path)
-        if len(features):
-            rows.append(features)
+        rows.append(features)
         kept.extend(chunk_kept)
+        sizes.extend(chunk_sizes)
         skipped.extend(dense.images[i].name for i in chunk_skipped)
         if on_chunk is not None:
             on_chunk(start // CHUNK)
     rows = [r for r in rows if r.numel()]
     if not rows:
         raise DenseDataError(f"{dense.spec}: no image could be decoded")
-    return DenseFeatures(torch.cat(rows), kept, skipped)
+    return DenseFeatures(torch.cat(rows), kept, sizes, skipped)
 
 
 # ----------------------------------------------------------------------------- probe
@@ -329,14 +335,10 @@ def depth_metrics(pred: np.ndarray, gt: np.ndarray, min_depth: float, max_depth:
 # ----------------------------------------------------------------------------- labels
 
 
-def _labels(dense: DenseSet, kept: Sequence[int], depth_scale: float) -> list[np.ndarray]:
+def _labels(dense: DenseSet, feats: DenseFeatures, depth_scale: float) -> list[np.ndarray]:
     """Label maps of the decodable images, checked against their images' sizes."""
-    from PIL import Image
-
     out = []
-    for i in kept:
-        with Image.open(dense.images[i]) as im:
-            size = im.size
+    for i, size in zip(feats.kept, feats.sizes):
         if dense.kind == "depth":
             out.append(read_depth(dense.labels[i], size, depth_scale))
         else:
@@ -384,11 +386,13 @@ def _scaled_size(size: int, scale: float, patch: int) -> int:
 @dataclass
 class SegmentationRun:
     """What `evaluate_segmentation` returns: the results JSON, the trained probe and, for pictures,
-    the first test images' predictions (class maps at each mask's size) with their set indices."""
+    the first test images' predictions and ground truths (class maps at each mask's size) with
+    their set indices."""
 
     result: dict[str, Any]
     probe: DenseProbe
     predictions: list[np.ndarray]
+    truths: list[np.ndarray]
     prediction_index: list[int]
     test: DenseSet
 
@@ -427,7 +431,7 @@ def evaluate_segmentation(
     torch.manual_seed(seed)
 
     tr = dense_features(model, train_set, size, layers, False, False, device=dev, cache_dir=cache_dir, progress=progress)
-    train_maps = _labels(train_set, tr.kept, 1.0)
+    train_maps = _labels(train_set, tr, 1.0)
     if num_classes is None:
         num_classes = train_set.num_classes
         classes_from = f"{train_set.layout} layout" if num_classes else "train masks (largest index + 1)"
@@ -450,7 +454,7 @@ def evaluate_segmentation(
     test_feats = {view: dense_features(model, test_set, _scaled_size(size, view[0], patch), layers, False, view[1],
                                        device=dev, cache_dir=cache_dir, progress=progress) for view in views}
     base = test_feats[views[0]]
-    test_maps = _labels(test_set, base.kept, 1.0)
+    test_maps = _labels(test_set, base, 1.0)
     _check_classes(test_set, base.kept, test_maps, num_classes)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     predictions: list[np.ndarray] = []
@@ -488,7 +492,8 @@ def evaluate_segmentation(
         "test": _split_info(test_set, base),
         "seconds": round(time.time() - t0, 2),
     }
-    return SegmentationRun(result, probe, predictions, base.kept[:keep_predictions], test_set)
+    return SegmentationRun(result, probe, predictions, test_maps[:keep_predictions], base.kept[:keep_predictions],
+                           test_set)
 
 
 def evaluate_depth(
@@ -520,7 +525,7 @@ def evaluate_depth(
     torch.manual_seed(seed)
 
     tr = dense_features(model, train_set, size, layers, True, False, device=dev, cache_dir=cache_dir, progress=progress)
-    train_maps = _labels(train_set, tr.kept, depth_scale)
+    train_maps = _labels(train_set, tr, depth_scale)
     if max_depth is None:
         max_depth = max(float(m.max(initial=0.0)) for m in train_maps)
         depth_from = "train maps (largest depth)"
@@ -545,7 +550,7 @@ def evaluate_depth(
     losses = _train_probe(probe, tr.features, targets, depth_loss, epochs, lr, batch_size, seed, dev)
 
     te = dense_features(model, test_set, size, layers, True, False, device=dev, cache_dir=cache_dir, progress=progress)
-    test_maps = _labels(test_set, te.kept, depth_scale)
+    test_maps = _labels(test_set, te, depth_scale)
     per_image: list[dict[str, float]] = []
     no_valid: list[str] = []
     with torch.inference_mode():
@@ -585,12 +590,3 @@ def evaluate_depth(
         "seconds": round(time.time() - t0, 2),
     }
 
-
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write `obj` as JSON atomically (a crash never leaves half a file)."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, out)
-    return out

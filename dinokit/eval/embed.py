@@ -62,6 +62,7 @@ __all__ = [
     "resolve_feature_model",
     "subset",
     "write_feature_shards",
+    "write_json",
 ]
 
 # {last 1, last 4 blocks' CLS} x {without, with avgpool}: the DINOv2 linear-evaluation inputs.
@@ -371,10 +372,14 @@ def feature_identity(model: nn.Module, transform: Any, n_last_blocks: int) -> st
     return digest.hexdigest()[:16]
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".json.tmp")
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write `obj` as JSON atomically (a crash never leaves half a file); parents are created."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    os.replace(tmp, out)
+    return out
 
 
 def write_feature_shards(
@@ -481,7 +486,7 @@ def write_feature_shards(
         "transform": repr(transform),
         "n_last_blocks": n_last_blocks,
     }
-    _atomic_json(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, manifest)
     return manifest
 
 

@@ -91,8 +91,8 @@ def _curves(args: argparse.Namespace) -> int:
 
 def _segment(args: argparse.Namespace) -> int:
     from dinokit.eval.commands import dense_kwargs, format_dense
-    from dinokit.eval.dense import evaluate_segmentation, write_json
-    from dinokit.eval.dense_data import read_mask
+    from dinokit.eval.dense import evaluate_segmentation
+    from dinokit.eval.embed import write_json
     from dinokit.viz.segment import segmentation_picture
 
     out = Path(args.out)
@@ -101,9 +101,7 @@ def _segment(args: argparse.Namespace) -> int:
     run = evaluate_segmentation(args.backbone, args.train, args.test, keep_predictions=args.n,
                                 **dense_kwargs(args, "segment"))
     images = [read_image(run.test.images[i]) for i in run.prediction_index]
-    truths = [read_mask(run.test.labels[i], im.size, run.test.reduce_zero_label)
-              for i, im in zip(run.prediction_index, images)]
-    picture = segmentation_picture(images, truths, run.predictions, run.result["num_classes"], out / "segment.png")
+    picture = segmentation_picture(images, run.truths, run.predictions, run.result["num_classes"], out / "segment.png")
     run.result["picture"] = picture.name
     print(format_dense(run.result))
     print(f"wrote {picture} and {write_json(out / 'segment.json', run.result)}")
