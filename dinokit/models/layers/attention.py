@@ -1,19 +1,18 @@
-"""Multi-head self-attention through PyTorch's fused scaled-dot-product attention."""
+"""Multi-head self-attention (official DINOv2 layout) over `attend`."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dinokit.models.layers.attend import attend
 from dinokit.models.layers.packing import PackedLayout, packed_attention
-
 
 class Attention(nn.Module):
     """Multi-head self-attention with one packed `qkv` projection (official DINOv2 key names).
 
-    `F.scaled_dot_product_attention` picks the flash / memory-efficient kernel where the device has
-    one, so no xFormers is needed. `attn_mask` is broadcastable to (B, heads, N, N), bool = keep.
+    `attend` picks the flash / memory-efficient kernel where the device has one (no xFormers is
+    needed), or the faster explicit form on the CPU. `attn_mask` is broadcastable to (B, heads, N, N), bool = keep.
 
     Args:
         dim: token width D.
@@ -47,7 +46,7 @@ class Attention(nn.Module):
             return self.proj(packed_attention(self.qkv(x), layout, self.num_heads))
         B, N, C = x.shape
         q, k, v = self._split_heads(x)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        x = attend(q, k, v, attn_mask)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
     def attention_probs(self, x: Tensor) -> Tensor:

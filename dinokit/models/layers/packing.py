@@ -4,9 +4,9 @@ The student sees 2 global crops of 1 + R + N_g tokens and n local crops of 1 + R
 Packed, every crop's tokens are rows of one (rows, D) matrix, so the per-token work of a block
 (LayerNorm, the qkv / proj / FFN Linears, LayerScale, residual adds) runs once on one large
 matrix instead of once per crop size. Attention must not mix crops: it is block-diagonal, computed
-here as one batched `F.scaled_dot_product_attention` per group of equal-length crops. That is
+here as one batched attention call (`attend`) per group of equal-length crops. That is
 exact (the same kernels as separate forwards, no padding, no mask) and keeps SDPA's fused
-kernels; `bench/packing.py` measures it against nested jagged tensors and flex_attention.
+kernels where they are the fastest; `bench/packing.py` measures it against nested jagged tensors and flex_attention.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from dinokit.models.layers.attend import attend
 
 
 @dataclass(frozen=True)
@@ -78,5 +79,5 @@ def packed_attention(qkv: Tensor, layout: PackedLayout, num_heads: int) -> Tenso
     outs = []
     for part, (b, t) in zip(qkv.split(layout.sizes), layout.groups):
         q, k, v = part.view(b, t, 3, num_heads, dim // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        outs.append(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b * t, dim))
+        outs.append(attend(q, k, v).transpose(1, 2).reshape(b * t, dim))
     return torch.cat(outs)

@@ -1,0 +1,37 @@
+"""Scaled-dot-product attention through the fastest kernel for the device, dtype and length."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Longest sequence for which the CPU path below materialises the (N x N) attention weights; beyond
+# it their memory (B * heads * N^2, kept for backward) outgrows what the faster kernel saves.
+EXPLICIT_MAX_TOKENS = 512
+# Longest sequence for which a compiled CPU graph computes attention by broadcasting (no matmul).
+BROADCAST_MAX_TOKENS = 8
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v for (B, heads, N, d) tensors, through the fastest CPU/GPU kernel.
+
+    On GPUs, and on the CPU in float32, `F.scaled_dot_product_attention` (flash / memory-efficient
+    kernels). On the CPU two cases are faster written out (`bench/attention_kernels.py` measures
+    them): in bfloat16 / float16, PyTorch's CPU flash kernel is slower than two batched matmuls
+    (which reach AMX / oneDNN) at every length up to ViT-S/14's 257 tokens, for forward plus
+    backward; and inside a compiled graph, sequences of a few tokens (the 2-5 of a 28 px crop
+    at patch 14) are cheapest as broadcast products that inductor fuses into a single loop, where
+    a matmul call per (sequence, head) costs more than its arithmetic.
+    """
+    n = q.shape[-2]
+    if q.device.type != "cpu" or attn_mask is not None or n > EXPLICIT_MAX_TOKENS:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    scale = q.shape[-1] ** -0.5
+    if n <= BROADCAST_MAX_TOKENS and torch.compiler.is_compiling():
+        scores = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) * scale
+        return (scores.softmax(-1, dtype=torch.float32).to(v.dtype).unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)
+    if q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v)
+    # The softmax in float32, as the fused kernels accumulate it.
+    return ((q * scale) @ k.transpose(-2, -1)).softmax(-1, dtype=torch.float32).to(v.dtype) @ v
