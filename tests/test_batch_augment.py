@@ -212,3 +212,29 @@ def test_train_with_batched_crops_resumes_exactly(tmp_path: Path) -> None:
     train(cfg(2), resumed)
     train(cfg(4), resumed)
     assert _losses(resumed) == _losses(straight) and all(math.isfinite(v) for v in _losses(straight))
+
+
+def test_grey_images_skip_the_hue_shift_with_identical_crops(monkeypatch: pytest.MonkeyPatch) -> None:
+    colour = _images(8, seed=3)
+    grey = colour[:, :1].expand(-1, 3, -1, -1).contiguous()
+    mixed = torch.cat([grey[:4], colour[4:]])
+    assert ba._colorless(mixed).tolist() == [True] * 4 + [False] * 4
+    aug = BatchMultiCrop(global_crops_size=28, local_crops_size=14, local_crops_number=2, color_jitter_p=1.0)
+    hue_calls: list[int] = []
+    real_hue = ba._hue
+
+    def counting_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        hue_calls.append(x.shape[0])
+        return real_hue(x, f)
+
+    monkeypatch.setattr(ba, "_JITTER_OPS", (*ba._JITTER_OPS[:3], counting_hue))
+    skipped = aug(mixed, torch.Generator().manual_seed(0))
+    hue_rows_skipping = sum(hue_calls)
+    monkeypatch.setattr(ba, "_colorless", lambda images: torch.zeros(images.shape[0], dtype=torch.bool))
+    hue_calls.clear()
+    computed = aug(mixed, torch.Generator().manual_seed(0))
+    # every crop is jittered (p 1): without the skip all 4 crops x 8 images take the hue shift,
+    # with it only the 4 colour images' crops do
+    assert sum(hue_calls) == 32 and hue_rows_skipping == 16
+    for kind in ("global_crops", "local_crops"):
+        assert torch.equal(skipped[kind], computed[kind])

@@ -150,6 +150,17 @@ def _hue(x: Tensor, f: Tensor) -> Tensor:
 _JITTER_OPS = (_brightness, _contrast, _saturation, _hue)
 
 
+def _colorless(images: Tensor) -> Tensor:
+    """(m,) bool: images whose three channels are equal everywhere (grey images stored as RGB).
+
+    Brightness, contrast, saturation and grayscale map such an image to another one, and a hue
+    shift is then exactly the identity (chroma 0: H = S = 0, and V is the pixel), so their crops
+    skip the hue operation: the most expensive colour operation, and the same result. Only
+    checked on the CPU, where it costs a comparison of the uint8 images and never waits for a GPU.
+    """
+    return ((images[:, 0] == images[:, 1]) & (images[:, 1] == images[:, 2])).flatten(1).all(1)
+
+
 def _gaussian_kernels(sigma: Tensor, size: int) -> Tensor:
     """(N, size) normalised 1-D Gaussian kernels, torchvision's sampling."""
     half = (size - 1) * 0.5
@@ -235,7 +246,10 @@ class BatchMultiCrop:
                     continue
                 # Only the crops that take this operation in this slot are computed.
                 # (Parameters live on the host: choosing rows never waits for a GPU.)
-                rows = (p["jitter"] & (p["order"][:, slot] == op_index)).nonzero().flatten()
+                take = p["jitter"] & (p["order"][:, slot] == op_index)
+                if name == "hue" and "colorless" in p:
+                    take = take & ~p["colorless"]
+                rows = take.nonzero().flatten()
                 if len(rows):
                     on = rows.to(x.device)
                     x = x.index_copy(0, on, op(x[on], p[name][rows].to(x.device)))
@@ -278,7 +292,13 @@ class BatchMultiCrop:
         kinds += [(ls, lk, self._draw(group, a.local_crops_scale, a.blur_p[2], 0.0, height, width, g))
                   for _ in range(a.local_crops_number)]
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        crops = [self._crop(x, {k: v[keep] for k, v in p.items()}, size, kernel) for size, kernel, p in kinds]
+        colorless = _colorless(images) if images.device.type == "cpu" else None
+        crops = []
+        for size, kernel, p in kinds:
+            mine = {k: v[keep] for k, v in p.items()}
+            if colorless is not None:
+                mine["colorless"] = colorless
+            crops.append(self._crop(x, mine, size, kernel))
         local_crops = torch.cat(crops[2:]) if a.local_crops_number else torch.empty(0, 3, ls, ls, device=x.device)
         return {"global_crops": self._normalize(torch.cat(crops[:2])), "local_crops": self._normalize(local_crops)}
 
