@@ -7,7 +7,9 @@ Unlike `train_step.py` (synthetic crops, one step in isolation), each variant he
 `dinokit train --preset tiny` run on Fashion-MNIST, data loading included, launched as its own
 process (torchrun for the multi-rank variants). The number is the mean of the `images_per_s`
 that the run logs for its steps after `--skip` (start-up, compilation and warm-up excluded).
-Variants run in alternating rounds so that drift of a shared machine hits them alike; compare
+`--baseline REV` adds the default preset run from the source of git revision REV (a temporary
+worktree), to measure a change against the code before it in the same report. Variants run in
+alternating rounds so that drift of a shared machine hits them alike; compare
 the ratios to `default` in one report, not absolute numbers across machines. Run by hand.
 """
 
@@ -33,6 +35,9 @@ VARIANTS: dict[str, tuple[int, list[str]]] = {
     "compile": (1, ["train.compile=true"]),
     "compile_step": (1, ["train.compile=step"]),
     "compile_step_bf16": (1, ["train.compile=step", "train.autocast=bf16"]),
+    # The same with the crops made in the training process (no loader worker competing for cores).
+    "compile_step_bf16_crops_in_process": (1, ["train.compile=step", "train.autocast=bf16",
+                                               "crops.batched_on=device", "data.num_workers=0"]),
     "bf16_autocast": (1, ["train.autocast=bf16"]),
     "two_ranks": (2, ["data.num_workers=0"]),
     # Not speed-only: a larger batch changes the recipe (the lr follows the scaling rule).
@@ -41,20 +46,34 @@ VARIANTS: dict[str, tuple[int, list[str]]] = {
 }
 
 
-def run_variant(name: str, steps: int, skip: int, data: str, work: Path) -> float:
-    ranks, overrides = VARIANTS[name]
+BASELINE = "baseline"  # the `default` variant run from another commit's source (--baseline REV)
+
+
+def baseline_source(rev: str, work: Path) -> Path:
+    """A detached git worktree of `rev` (removed with `work`), to run its code as the baseline."""
+    repo = Path(__file__).resolve().parents[1]
+    tree = work / "baseline-source"
+    subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(tree), rev], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return tree
+
+
+def run_variant(name: str, steps: int, skip: int, data: str, work: Path, source: Path | None = None) -> float:
+    ranks, overrides = VARIANTS["default" if name == BASELINE else name]
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
     args = ["train", "--preset", "tiny", "--out", str(out), data, "data.dataset=fashion_mnist",
             f"train.max_steps={steps}", "checkpoint.every=1000000", *overrides]
     env = dict(os.environ)
+    if source is not None:  # that commit's package first on the path, run from its tree
+        env["PYTHONPATH"] = os.pathsep.join([str(source), env.get("PYTHONPATH", "")])
     if ranks == 1:
         command = [sys.executable, "-m", "dinokit.cli", *args]
     else:
         env["OMP_NUM_THREADS"] = "1"
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
                    "-m", "dinokit.cli", *args]
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=source)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     speeds = [row["images_per_s"] for row in rows if row["step"] > skip]
     if not speeds:
@@ -69,22 +88,36 @@ def main() -> int:
     parser.add_argument("--skip", type=int, default=100, help="steps left out of the mean (warm-up)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--data", default=FASHION_MNIST_DIR, help="the Fashion-MNIST IDX folder")
+    parser.add_argument("--baseline", metavar="REV", default=None,
+                        help="also run the default preset from this git revision (variant 'baseline')")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
-    speeds: dict[str, list[float]] = {name: [] for name in args.variants}
+    names = ([BASELINE] if args.baseline else []) + args.variants
+    speeds: dict[str, list[float]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="dinokit-train-options-") as tmp:
-        for _ in range(args.rounds):
-            for name in args.variants:
-                speeds[name].append(run_variant(name, args.steps, args.skip, args.data, Path(tmp)))
+        source = baseline_source(args.baseline, Path(tmp)) if args.baseline else None
+        try:
+            for _ in range(args.rounds):
+                for name in names:
+                    speeds[name].append(run_variant(name, args.steps, args.skip, args.data, Path(tmp),
+                                                    source if name == BASELINE else None))
+        finally:
+            if source is not None:
+                subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "worktree", "remove",
+                                "--force", str(source)], check=False)
     base = statistics.fmean(speeds["default"]) if "default" in speeds else None
+    old = statistics.fmean(speeds[BASELINE]) if args.baseline else None
     results = []
-    for name in args.variants:
+    for name in names:
         mean = statistics.fmean(speeds[name])
-        results.append({"variant": name, "ranks": VARIANTS[name][0], "overrides": VARIANTS[name][1],
-                        "images_per_s": round(mean, 1), "per_round": [round(s, 1) for s in speeds[name]],
-                        "vs_default": round(mean / base, 3) if base else None})
+        ranks, overrides = VARIANTS["default" if name == BASELINE else name]
+        row = {"variant": name, "ranks": ranks, "overrides": overrides, "images_per_s": round(mean, 1),
+               "per_round": [round(s, 1) for s in speeds[name]], "vs_default": round(mean / base, 3) if base else None}
+        if old:
+            row["vs_baseline"] = round(mean / old, 3)
+        results.append(row)
     report = {"machine": {**machine_info(), "cpus": os.cpu_count()}, "steps": args.steps, "skip": args.skip,
-              "rounds": args.rounds, "results": results}
+              "rounds": args.rounds, "baseline_revision": args.baseline, "results": results}
     emit(report, args.out)
     return 0
 
