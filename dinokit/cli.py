@@ -98,7 +98,8 @@ def _quickstart(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        report = run_quickstart(args.out, args.data, args.fashion_mnist_root, args.steps, args.preset, args.overrides)
+        report = run_quickstart(args.out, args.data, args.fashion_mnist_root, args.steps, args.preset, args.overrides,
+                                args.speedups)
     except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -162,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument("--out", type=Path, default=Path("runs/quickstart"))
     qs.add_argument("--steps", type=int, default=None, help="stop after N steps (default: the whole schedule)")
     qs.add_argument("--preset", default="tiny")
+    qs.add_argument("--no-speedups", dest="speedups", action="store_false",
+                    help="keep the preset's eager float32 step (default: compile the step, and bf16 on AMX CPUs)")
     qs.add_argument("overrides", nargs="*", help="dotted key=value overrides of the preset")
     qs.set_defaults(func=_quickstart)
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -58,11 +60,36 @@ def _datasets(data: Path | None, fmnist_root: Path) -> tuple[str, Dataset | None
             f"{data} ({len(folder)} images, {len(folder.classes)} classes; evaluation: seeded 80/20 split)")
 
 
+def cpu_speed_options(machine: dict[str, Any] | None = None, compiler: str | None = None) -> tuple[list[str], str]:
+    """Overrides that make the tiny preset's step faster on this CPU, and why (for the report).
+
+    bf16 autocast where the CPU has AMX (bf16 matrix tiles: oneDNN's bf16 GEMMs outrun fp32 there;
+    without AMX it was measured slower), and the whole step compiled (`train.compile=step`) where
+    a C++ compiler is found for inductor; with them the crops are made in the training process,
+    as a loader worker competes with the compiled step for the same cores. Nothing is chosen on a
+    GPU machine (the preset's defaults stand) or without a compiler; `--no-speedups` turns it off
+    and the user's overrides still win. docs/benchmarks.md has the measurements.
+    """
+    if torch.cuda.is_available():
+        return [], "none (a GPU is present: the preset's defaults)"
+    machine = machine or machine_info()
+    if compiler is None:
+        compiler = next((c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c and shutil.which(c)), "")
+    if not compiler:
+        return [], "none (no C++ compiler for torch.compile: eager float32)"
+    options = ["train.compile=step", "crops.batched_on=device", "data.num_workers=0"]
+    why = f"whole step compiled ({compiler}), crops made in the training process"
+    if "amx_bf16" in machine["isa"]:
+        options.append("train.autocast=bf16")
+        why += ", bf16 autocast (AMX)"
+    return options, why
+
+
 def quickstart_config(train_spec: str, fashion_mnist: bool, steps: int | None, preset: str,
-                      overrides: list[str], fit: tuple[str, ...] = ()) -> Config:
-    """The run's configuration: the preset, then the folder fit, then `--steps`, then the
-    user's overrides (each later one wins)."""
-    items = [f"data.path={train_spec}", *fit]
+                      overrides: list[str], fit: tuple[str, ...] = (), speed: tuple[str, ...] = ()) -> Config:
+    """The run's configuration: the preset, then the machine's speed options, then the folder fit,
+    then `--steps`, then the user's overrides (each later one wins)."""
+    items = [f"data.path={train_spec}", *speed, *fit]
     if fashion_mnist:
         items += ["data.dataset=fashion_mnist",
                   # Online k-NN on a small subsample every 500 steps, for the curves.
@@ -115,10 +142,13 @@ def _pictures(run_dir: Path, out: Path, test_set: Dataset | None, train_spec: st
 
 
 def run_quickstart(out: Path, data: Path | None = None, fmnist_root: Path = Path(FASHION_MNIST_DIR),
-                   steps: int | None = None, preset: str = "tiny", overrides: list[str] | None = None) -> Path:
+                   steps: int | None = None, preset: str = "tiny", overrides: list[str] | None = None,
+                   speedups: bool = True) -> Path:
     """Run everything and return the path of `report.md`."""
     t_start = time.time()
     out.mkdir(parents=True, exist_ok=True)
+    speed, speed_reason = cpu_speed_options() if speedups else ([], "none (--no-speedups)")
+    log.info("speed options: %s", speed_reason)
     fit = None
     if data is not None and preset == "tiny":
         folder = ImageFolderDataset(data)
@@ -133,7 +163,7 @@ def run_quickstart(out: Path, data: Path | None = None, fmnist_root: Path = Path
     if fit is not None and fit.overrides:
         description = description.replace(str(data), f"{folder.root} (decoded once at {fit.working_size} px into {data})")
     cfg = quickstart_config(train_spec, data is None, steps, preset, list(overrides or []),
-                            fit.overrides if fit else ())
+                            fit.overrides if fit else (), tuple(speed))
     run_dir = out / "run"
     log.info("pretraining %s steps on %s", cfg.run_steps, description)
     t0 = time.time()
@@ -156,12 +186,13 @@ def run_quickstart(out: Path, data: Path | None = None, fmnist_root: Path = Path
     pictures = _pictures(run_dir, out, eval_test, train_spec)
     (out / "results.json").write_text(json.dumps({
         "machine": machine_info(), "data": description, "preset": preset, "overrides": list(overrides or []),
-        "fit": asdict(fit) if fit else None,
+        "speed_options": speed, "fit": asdict(fit) if fit else None,
         "evaluations": evaluations, "steps": result.steps_done, "skipped_images": result.skipped_images,
         "train_seconds": round(train_seconds, 1), "wall_seconds": round(time.time() - t_start, 1)}, indent=2))
     report = out / "report.md"
     report.write_text(_report(cfg, description, result.steps_done, train_seconds, result.skipped_images,
-                              evaluations, pictures, time.time() - t_start, fit.reason if fit else None))
+                              evaluations, pictures, time.time() - t_start, fit.reason if fit else None,
+                              speed_reason))
     return report
 
 
@@ -170,7 +201,8 @@ def _pct(x: float) -> str:
 
 
 def _report(cfg: Config, description: str, steps: int, train_seconds: float, skipped: int,
-            evaluations: list[dict], pictures: list[str], total_seconds: float, fit: str | None = None) -> str:
+            evaluations: list[dict], pictures: list[str], total_seconds: float, fit: str | None = None,
+            speed: str | None = None) -> str:
     m = cfg.model
     machine = machine_info()
     lines = [
@@ -183,6 +215,7 @@ def _report(cfg: Config, description: str, steps: int, train_seconds: float, ski
         f"{cfg.head.out_dim} prototypes; loss mode {cfg.loss.mode} ({cfg.loss.centering})",
         f"- pretraining: {steps} steps of batch {cfg.optim.batch_size} in {train_seconds / 60:.1f} min "
         f"({steps * cfg.optim.batch_size / max(train_seconds, 1e-9):.0f} images/s); {skipped} images skipped",
+        *([f"- speed options for this machine: {speed}"] if speed else []),
         f"- total time: {total_seconds / 60:.1f} min on {torch.get_num_threads()} threads of "
         f"{machine['cpu']} ({machine['cores']} cores)",
         "",

@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from dinokit.cli import main
+from dinokit.quickstart import cpu_speed_options, quickstart_config
 
 SMALL = [
     "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "head.out_dim=64", "head.hidden_dim=32",
@@ -30,7 +32,7 @@ def _labeled_folder(root: Path) -> Path:
 def test_quickstart_on_an_image_folder_writes_the_report(tmp_path: Path, capsys) -> None:
     data = _labeled_folder(tmp_path / "data")
     out = tmp_path / "qs"
-    assert main(["quickstart", "--data", str(data), "--out", str(out), "--steps", "2", *SMALL]) == 0
+    assert main(["quickstart", "--data", str(data), "--out", str(out), "--steps", "2", "--no-speedups", *SMALL]) == 0
     report = (out / "report.md").read_text()
     for row in ("dinokit pretrained (teacher)", "same architecture, random init", "raw pixels"):
         assert f"| {row} |" in report
@@ -43,6 +45,23 @@ def test_quickstart_on_an_image_folder_writes_the_report(tmp_path: Path, capsys)
     assert results["evaluations"][0]["n_test"] == 4 and results["steps"] == 2
     assert results["machine"]["cpu"] and results["machine"]["cores"] >= 1 and results["machine"]["torch"]
     assert results["wall_seconds"] >= results["train_seconds"] > 0 and results["preset"] == "tiny"
+    assert results["speed_options"] == [] and "- speed options for this machine: none (--no-speedups)" in report
+
+
+def test_speed_options_follow_the_machine(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    amx = {"isa": ["avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"]}
+    options, why = cpu_speed_options(amx, compiler="g++")
+    assert options == ["train.compile=step", "crops.batched_on=device", "data.num_workers=0", "train.autocast=bf16"]
+    assert "AMX" in why and "g++" in why
+    options, why = cpu_speed_options({"isa": ["avx2"]}, compiler="clang++")  # e.g. AMD without AMX
+    assert "train.autocast=bf16" not in options and "train.compile=step" in options
+    assert cpu_speed_options(amx, compiler="") == ([], "none (no C++ compiler for torch.compile: eager float32)")
+    # each option is a valid override of the preset, and the user's overrides still win
+    cfg = quickstart_config("/data", False, None, "tiny", ["train.autocast=none"], speed=tuple(cpu_speed_options(amx, "g++")[0]))
+    assert cfg.train.compile == "step" and cfg.crops.batched_on == "device" and cfg.train.autocast == "none"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cpu_speed_options(amx, compiler="g++")[0] == []
 
 
 def test_quickstart_without_fashion_mnist_says_how_to_get_it(tmp_path: Path, capsys) -> None:
