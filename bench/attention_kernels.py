@@ -21,20 +21,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dinokit.models.layers.attend import attend
+from dinokit.models.layers.attend import attend, broadcast_attention, matmul_attention
 from _report import emit, machine_info  # bench/ is on sys.path when a script runs
 
 
-def matmul(q, k, v):
-    return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1, dtype=torch.float32).to(v.dtype) @ v
-
-
-def broadcast(q, k, v):
-    scores = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) * q.shape[-1] ** -0.5
-    return (scores.softmax(-1, dtype=torch.float32).to(v.dtype).unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)
-
-
-FORMS = {"sdpa": F.scaled_dot_product_attention, "matmul": matmul, "broadcast": broadcast, "attend": attend}
+FORMS = {"sdpa": F.scaled_dot_product_attention, "matmul": matmul_attention, "broadcast": broadcast_attention,
+         "attend": attend}
 # (batch of sequences, heads, tokens, head dim): the shapes the two training presets produce.
 SHAPES = [(128, 4, 2, 32), (128, 4, 5, 32), (64, 6, 50, 64), (16, 6, 257, 64)]
 

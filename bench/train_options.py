@@ -47,13 +47,13 @@ VARIANTS: dict[str, tuple[int, list[str]]] = {
 
 
 BASELINE = "baseline"  # the `default` variant run from another commit's source (--baseline REV)
+REPO = Path(__file__).resolve().parents[1]
 
 
 def baseline_source(rev: str, work: Path) -> Path:
     """A detached git worktree of `rev` (removed with `work`), to run its code as the baseline."""
-    repo = Path(__file__).resolve().parents[1]
     tree = work / "baseline-source"
-    subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(tree), rev], check=True,
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), rev], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return tree
 
@@ -103,7 +103,7 @@ def main() -> int:
                                                     source if name == BASELINE else None))
         finally:
             if source is not None:
-                subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "worktree", "remove",
+                subprocess.run(["git", "-C", str(REPO), "worktree", "remove",
                                 "--force", str(source)], check=False)
     base = statistics.fmean(speeds["default"]) if "default" in speeds else None
     old = statistics.fmean(speeds[BASELINE]) if args.baseline else None

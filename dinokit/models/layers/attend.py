@@ -13,6 +13,19 @@ EXPLICIT_MAX_TOKENS = 512
 BROADCAST_MAX_TOKENS = 8
 
 
+def matmul_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Attention as two batched matmuls, the softmax in float32 as the fused kernels accumulate it."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    return scores.softmax(-1, dtype=torch.float32).to(v.dtype) @ v
+
+
+def broadcast_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Attention as broadcast products and sums: materialises (B, heads, N, N, d), so only for
+    a few tokens, where inductor fuses it into one loop."""
+    scores = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) * q.shape[-1] ** -0.5
+    return (scores.softmax(-1, dtype=torch.float32).to(v.dtype).unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
     """softmax(q k^T / sqrt(d)) v for (B, heads, N, d) tensors, through the fastest CPU/GPU kernel.
 
@@ -27,11 +40,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> 
     n = q.shape[-2]
     if q.device.type != "cpu" or attn_mask is not None or n > EXPLICIT_MAX_TOKENS:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    scale = q.shape[-1] ** -0.5
     if n <= BROADCAST_MAX_TOKENS and torch.compiler.is_compiling():
-        scores = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) * scale
-        return (scores.softmax(-1, dtype=torch.float32).to(v.dtype).unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)
+        return broadcast_attention(q, k, v)
     if q.dtype == torch.float32:
         return F.scaled_dot_product_attention(q, k, v)
-    # The softmax in float32, as the fused kernels accumulate it.
-    return ((q * scale) @ k.transpose(-2, -1)).softmax(-1, dtype=torch.float32).to(v.dtype) @ v
+    return matmul_attention(q, k, v)
