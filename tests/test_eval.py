@@ -140,6 +140,22 @@ def test_linear_probe_separable_and_deterministic():
     assert again == res
 
 
+def test_stacked_classifiers_score_each_learning_rate_separately():
+    """All (L, C, D) classifiers in one GEMM: logits and accuracies of classifier l are those of
+    W[l], b[l] alone."""
+    from dinokit.eval.linear import _accuracy, _logits
+
+    g = torch.Generator().manual_seed(2)
+    x, W, b = torch.randn(50, 6, generator=g), torch.randn(3, 4, 6, generator=g), torch.randn(3, 4, generator=g)
+    y = torch.randint(0, 4, (50,), generator=g)
+    logits = _logits(x, W, b)
+    acc = _accuracy({"f": (W, b)}, {"f": x}, y, torch.device("cpu"), batch_size=16)["f"][0]
+    for l in range(3):
+        torch.testing.assert_close(logits[:, l], x @ W[l].T + b[l])
+        assert float(acc[l]) == pytest.approx(100.0 * float(((x @ W[l].T + b[l]).argmax(1) == y).float().mean()))
+    assert len(set(acc.tolist())) > 1  # the classifiers differ, so a mix-up would show
+
+
 def test_linear_probe_shuffled_labels_is_chance():
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2400, 16, generator=g)

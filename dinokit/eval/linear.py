@@ -45,6 +45,13 @@ def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Ten
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
+def _logits(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
+    """(B, L, C) logits of the L stacked classifiers (L, C, D), (L, C) on features x (B, D): one
+    GEMM against all of them (an einsum over L broadcasts x into a batched product, ~6x slower)."""
+    L, C, D = W.shape
+    return (x @ W.reshape(L * C, D).t()).view(-1, L, C) + b
+
+
 @torch.no_grad()
 def _accuracy(weights: Mapping[str, tuple[Tensor, Tensor]], feats: Mapping[str, Tensor], labels: Tensor,
               device: torch.device, batch_size: int = 8192) -> dict[str, tuple[Tensor, Tensor]]:
@@ -58,10 +65,9 @@ def _accuracy(weights: Mapping[str, tuple[Tensor, Tensor]], feats: Mapping[str, 
         for r0 in range(0, len(labels), batch_size):
             x = feats[kind][r0 : r0 + batch_size].to(device, torch.float32)
             y = labels[r0 : r0 + batch_size].to(device)
-            logits = torch.einsum("bd,lcd->lbc", x, W) + b[:, None, :]  # (L, B, C)
-            top = logits.topk(k5, dim=2).indices
-            hit1 += (top[:, :, 0] == y).sum(dim=1)
-            hit5 += (top == y[None, :, None]).any(dim=2).sum(dim=1)
+            top = _logits(x, W, b).topk(k5, dim=2).indices  # (B, L, k5)
+            hit1 += (top[:, :, 0] == y[:, None]).sum(dim=0)
+            hit5 += (top == y[:, None, None]).any(dim=2).sum(dim=0)
         n = max(1, len(labels))
         out[kind] = ((100.0 * hit1 / n).cpu(), (100.0 * hit5 / n).cpu())
     return out
@@ -136,9 +142,8 @@ def linear_probe(
             loss = torch.zeros((), device=device)
             for kind, (W, b) in params.items():
                 x = train_feats[kind][rows].to(device, torch.float32)
-                logits = torch.einsum("bd,lcd->lbc", x, W) + b[:, None, :]  # (L, B, C)
                 # Mean over the batch per classifier, summed over classifiers: independent grads.
-                loss = loss + F.cross_entropy(logits.reshape(-1, num_classes), y.repeat(len(lrs)),
+                loss = loss + F.cross_entropy(_logits(x, W, b).reshape(-1, num_classes), y.repeat_interleave(len(lrs)),
                                               reduction="sum") / len(rows)
             grads = torch.autograd.grad(loss, [p for pair in params.values() for p in pair])
             with torch.no_grad():

@@ -308,6 +308,9 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     # A compiled model call would specialise on a Python float and recompile at every new value.
     temp: Any = torch.tensor(sched["teacher_temp"]) if cfg.train.compile == "step" else sched["teacher_temp"]
+    if cfg.train.compile == "step":
+        for part in [batch, *(m.batch for m in micro_batches or ())]:
+            mark_masked_dynamic(part)
     if micro_batches:
         terms, targets = _accumulate(forward or model, batch, micro_batches, temp, cfg, device)
     else:
@@ -322,6 +325,17 @@ def train_step(
     optimizer.step()
     model.update_teacher(sched["momentum"])
     return reported, targets
+
+
+def mark_masked_dynamic(batch: dict[str, Any]) -> None:
+    """Tell torch.compile up front that the number of masked patches changes from batch to batch.
+
+    Otherwise it compiles the whole step for the first batch's count, then again, with that
+    dimension symbolic, at the second batch: a second compilation as long as the first (minutes
+    on a CPU with a cold cache)."""
+    for key in ("mask_indices_list", "masks_weight"):
+        if key in batch:
+            torch._dynamo.maybe_mark_dynamic(batch[key], 0)
 
 
 def _accumulate(forward: nn.Module, batch: dict[str, Any], micro_batches: list[MicroBatch], teacher_temp: Any,
