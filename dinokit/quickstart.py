@@ -188,12 +188,17 @@ def run_quickstart(out: Path, data: Path | None = None, fmnist_root: Path = Path
         "machine": machine_info(), "data": description, "preset": preset, "overrides": list(overrides or []),
         "speed_options": speed, "fit": asdict(fit) if fit else None,
         "evaluations": evaluations, "steps": result.steps_done, "skipped_images": result.skipped_images,
-        "train_seconds": round(train_seconds, 1), "wall_seconds": round(time.time() - t_start, 1)}, indent=2))
+        "train_seconds": round(train_seconds, 1), "first_step_seconds": _rounded(result.first_step_seconds),
+        "wall_seconds": round(time.time() - t_start, 1)}, indent=2))
     report = out / "report.md"
     report.write_text(_report(cfg, description, result.steps_done, train_seconds, result.skipped_images,
                               evaluations, pictures, time.time() - t_start, fit.reason if fit else None,
-                              speed_reason))
+                              speed_reason, result.first_step_seconds))
     return report
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 1)
 
 
 def _pct(x: float) -> str:
@@ -202,7 +207,7 @@ def _pct(x: float) -> str:
 
 def _report(cfg: Config, description: str, steps: int, train_seconds: float, skipped: int,
             evaluations: list[dict], pictures: list[str], total_seconds: float, fit: str | None = None,
-            speed: str | None = None) -> str:
+            speed: str | None = None, first_step: float | None = None) -> str:
     m = cfg.model
     machine = machine_info()
     lines = [
@@ -216,6 +221,8 @@ def _report(cfg: Config, description: str, steps: int, train_seconds: float, ski
         f"- pretraining: {steps} steps of batch {cfg.optim.batch_size} in {train_seconds / 60:.1f} min "
         f"({steps * cfg.optim.batch_size / max(train_seconds, 1e-9):.0f} images/s); {skipped} images skipped",
         *([f"- speed options for this machine: {speed}"] if speed else []),
+        *([f"- first step: {first_step:.1f} s (compilation included, part of the pretraining time)"]
+          if first_step is not None and cfg.train.compile else []),
         f"- total time: {total_seconds / 60:.1f} min on {torch.get_num_threads()} threads of "
         f"{machine['cpu']} ({machine['cores']} cores)",
         "",

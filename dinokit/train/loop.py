@@ -126,6 +126,8 @@ class TrainResult:
     steps_done: int
     final_loss: float
     skipped_images: int
+    # Seconds of this process's first step, compilation included (None when no step ran).
+    first_step_seconds: float | None = None
 
 
 def build_dataset(cfg: Config) -> Any:
@@ -495,6 +497,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
     frozen: bool | None = None
     records = _StepRecords()
     started = progress.step
+    first_step_seconds: float | None = None
 
     def checkpoint_due(done: int) -> bool:
         return done % cfg.checkpoint.every == 0 or done == stop
@@ -582,9 +585,11 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
             if cfg.init.backbone:
                 host["backbone_lr_scale"] = sched["backbone_lr_scale"]
             records.add(step, terms, health_tensor(targets) if env.is_main else None, host)  # rank 0's batch
-            if cfg.train.compile and step == started + 1 and env.is_main:
-                log.info("first step of this process: %.1f s, compilation included (train.compile=%s)",
-                         time.perf_counter() - t0, cfg.train.compile)
+            if step == started + 1:
+                first_step_seconds = time.perf_counter() - t0
+                if cfg.train.compile and env.is_main:
+                    log.info("first step of this process: %.1f s, compilation included (train.compile=%s)",
+                             first_step_seconds, cfg.train.compile)
             if bar is not None:
                 bar.update(1)
             knn_step = cfg.eval.knn_every > 0 and step % cfg.eval.knn_every == 0
@@ -599,7 +604,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv) -> TrainResult:
             metrics.close()
         if bar is not None:
             bar.close()
-    return TrainResult(run_dir, progress.step, loss_value, progress.skipped_images)
+    return TrainResult(run_dir, progress.step, loss_value, progress.skipped_images, first_step_seconds)
 
 
 def _check_before_work(cfg: Config, run_dir: Path, env: DistEnv) -> tuple[Any, OnlineKNN | None]:
