@@ -8,7 +8,9 @@ Unlike `train_step.py` (synthetic crops, one step in isolation), each variant he
 process (torchrun for the multi-rank variants). The number is the mean of the `images_per_s`
 that the run logs for its steps after `--skip` (start-up, compilation and warm-up excluded).
 `--baseline REV` adds the default preset run from the source of git revision REV (a temporary
-worktree), to measure a change against the code before it in the same report. Variants run in
+worktree), to measure a change against the code before it in the same report (`--baseline-variant`
+picks which variant it runs). `--cold-cache` gives every run an empty inductor cache, so the
+reported seconds of the first 10 steps include compiling as on a fresh machine. Variants run in
 alternating rounds so that drift of a shared machine hits them alike; compare
 the ratios to `default` in one report, not absolute numbers across machines. Run by hand.
 """
@@ -25,6 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dinokit.config import load_config
 from dinokit.data.datasets import FASHION_MNIST_DIR
 from _report import emit, machine_info  # bench/ is on sys.path when a script runs
 
@@ -58,13 +61,20 @@ def baseline_source(rev: str, work: Path) -> Path:
     return tree
 
 
-def run_variant(name: str, steps: int, skip: int, data: str, work: Path, source: Path | None = None) -> float:
-    ranks, overrides = VARIANTS["default" if name == BASELINE else name]
+def run_variant(name: str, steps: int, skip: int, data: str, work: Path, source: Path | None = None,
+                baseline_variant: str = "default", cold_cache: bool = False) -> tuple[float, float]:
+    """Mean images/s of the steps after `skip`, and the seconds of the first 10 steps (their logged
+    speeds; start-up before the first step is not in it, compilation is)."""
+    ranks, overrides = VARIANTS[baseline_variant if name == BASELINE else name]
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
     args = ["train", "--preset", "tiny", "--out", str(out), data, "data.dataset=fashion_mnist",
             f"train.max_steps={steps}", "checkpoint.every=1000000", *overrides]
     env = dict(os.environ)
+    if cold_cache:  # an empty inductor cache per run: compilation as on a fresh machine
+        cache = work / f"{name}-compile-cache"
+        shutil.rmtree(cache, ignore_errors=True)
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
     if source is not None:  # that commit's package first on the path, run from its tree
         env["PYTHONPATH"] = os.pathsep.join([str(source), env.get("PYTHONPATH", "")])
     if ranks == 1:
@@ -78,7 +88,9 @@ def run_variant(name: str, steps: int, skip: int, data: str, work: Path, source:
     speeds = [row["images_per_s"] for row in rows if row["step"] > skip]
     if not speeds:
         raise SystemExit(f"{name}: no logged step after --skip {skip} (ran {len(rows)} steps)")
-    return statistics.fmean(speeds)
+    batch = load_config("tiny", overrides).optim.batch_size
+    first_steps = sum(batch / row["images_per_s"] for row in rows if row["step"] <= 10)
+    return statistics.fmean(speeds), first_steps
 
 
 def main() -> int:
@@ -90,17 +102,25 @@ def main() -> int:
     parser.add_argument("--data", default=FASHION_MNIST_DIR, help="the Fashion-MNIST IDX folder")
     parser.add_argument("--baseline", metavar="REV", default=None,
                         help="also run the default preset from this git revision (variant 'baseline')")
+    parser.add_argument("--baseline-variant", default="default", choices=list(VARIANTS),
+                        help="the variant that --baseline runs (default: the preset's defaults)")
+    parser.add_argument("--cold-cache", action="store_true",
+                        help="every run compiles with an empty inductor cache (TORCHINDUCTOR_CACHE_DIR)")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
     names = ([BASELINE] if args.baseline else []) + args.variants
     speeds: dict[str, list[float]] = {name: [] for name in names}
+    first_steps: dict[str, list[float]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="dinokit-train-options-") as tmp:
         source = baseline_source(args.baseline, Path(tmp)) if args.baseline else None
         try:
             for _ in range(args.rounds):
                 for name in names:
-                    speeds[name].append(run_variant(name, args.steps, args.skip, args.data, Path(tmp),
-                                                    source if name == BASELINE else None))
+                    speed, first = run_variant(name, args.steps, args.skip, args.data, Path(tmp),
+                                               source if name == BASELINE else None, args.baseline_variant,
+                                               args.cold_cache)
+                    speeds[name].append(speed)
+                    first_steps[name].append(first)
         finally:
             if source is not None:
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove",
@@ -110,14 +130,17 @@ def main() -> int:
     results = []
     for name in names:
         mean = statistics.fmean(speeds[name])
-        ranks, overrides = VARIANTS["default" if name == BASELINE else name]
+        ranks, overrides = VARIANTS[args.baseline_variant if name == BASELINE else name]
         row = {"variant": name, "ranks": ranks, "overrides": overrides, "images_per_s": round(mean, 1),
-               "per_round": [round(s, 1) for s in speeds[name]], "vs_default": round(mean / base, 3) if base else None}
+               "per_round": [round(s, 1) for s in speeds[name]], "vs_default": round(mean / base, 3) if base else None,
+               "first_10_steps_seconds": [round(s, 1) for s in first_steps[name]]}
         if old:
             row["vs_baseline"] = round(mean / old, 3)
         results.append(row)
     report = {"machine": {**machine_info(), "cpus": os.cpu_count()}, "steps": args.steps, "skip": args.skip,
-              "rounds": args.rounds, "baseline_revision": args.baseline, "results": results}
+              "rounds": args.rounds, "baseline_revision": args.baseline,
+              "baseline_variant": args.baseline_variant if args.baseline else None, "cold_cache": args.cold_cache,
+              "results": results}
     emit(report, args.out)
     return 0
 
