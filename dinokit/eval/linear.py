@@ -5,7 +5,7 @@ loop over mini-batches, like the official `AllClassifiers`: each batch computes 
 per-classifier cross-entropies are summed (their gradients do not interact) and each classifier
 takes its own SGD step (momentum 0.9, no weight decay, cosine learning rate to 0, weights
 initialised N(0, 0.01), bias 0, as in the official code). Classifiers of one feature kind are
-stacked in a (L, C, D) tensor, so one einsum serves all learning rates.
+stacked in a (L, C, D) tensor, so one GEMM serves all learning rates.
 
 Selection: the (kind, lr) with the best top-1 on a validation split carved from the train set
 (`val_fraction`, seeded) is chosen, and that same classifier's test accuracy is reported. It is
@@ -47,7 +47,7 @@ def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Ten
 
 def _logits(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
     """(B, L, C) logits of the L stacked classifiers (L, C, D), (L, C) on features x (B, D): one
-    GEMM against all of them (an einsum over L broadcasts x into a batched product, ~6x slower)."""
+    GEMM against all of them (an einsum over L broadcasts x into a batched product, several times slower)."""
     L, C, D = W.shape
     return (x @ W.reshape(L * C, D).t()).view(-1, L, C) + b
 
