@@ -198,7 +198,7 @@ def run_quickstart(out: Path, data: Path | None = None, fmnist_root: Path = Path
 
 
 def _rounded(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds, 1)
+    return None if seconds is None else round(seconds, 3)
 
 
 def _pct(x: float) -> str:

@@ -45,7 +45,7 @@ def test_quickstart_on_an_image_folder_writes_the_report(tmp_path: Path, capsys)
     assert results["evaluations"][0]["n_test"] == 4 and results["steps"] == 2
     assert results["machine"]["cpu"] and results["machine"]["cores"] >= 1 and results["machine"]["torch"]
     assert results["wall_seconds"] >= results["train_seconds"] > 0 and results["preset"] == "tiny"
-    assert 0 < results["first_step_seconds"] < results["train_seconds"]
+    assert 0 < results["first_step_seconds"] <= results["train_seconds"] + 0.05  # train_seconds is rounded to 0.1
     assert "- first step:" not in report  # only stated where the step is compiled
     assert results["speed_options"] == [] and "- speed options for this machine: none (--no-speedups)" in report
 

@@ -45,6 +45,7 @@ FLOOR_NAMES = {
     "torch.nn.utils.parametrizations.weight_norm", "torch.nn.utils.weight_norm", "torch.onnx.export",
     "torch.optim.AdamW", "torch.optim.Optimizer", "torch.optim.SGD", "torch.random.fork_rng",
     "torch.optim.lr_scheduler.CosineAnnealingLR", "torch.compiler.is_compiling",
+    "torch._dynamo", "torch._dynamo.maybe_mark_dynamic",
     "torch.get_num_threads", "torch.set_float32_matmul_precision", "torch.get_float32_matmul_precision",
     "torch.version.cuda", "torch.cuda.get_device_capability", "torch.nn.Linear", "torch.nn.Module",
     "torch.backends.cudnn.allow_tf32",

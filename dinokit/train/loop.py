@@ -335,6 +335,8 @@ def mark_masked_dynamic(batch: dict[str, Any]) -> None:
     Otherwise it compiles the whole step for the first batch's count, then again, with that
     dimension symbolic, at the second batch: a second compilation as long as the first (minutes
     on a CPU with a cold cache)."""
+    import torch._dynamo  # loaded by torch.compile already; explicit for older PyTorch
+
     for key in ("mask_indices_list", "masks_weight"):
         if key in batch:
             torch._dynamo.maybe_mark_dynamic(batch[key], 0)
