@@ -39,6 +39,7 @@ VARIANTS: dict[str, tuple[int, list[str]]] = {
     "compile_step": (1, ["train.compile=step"]),
     "compile_step_bf16": (1, ["train.compile=step", "train.autocast=bf16"]),
     # The same with the crops made in the training process (no loader worker competing for cores).
+    "compile_step_crops_in_process": (1, ["train.compile=step", "crops.batched_on=device", "data.num_workers=0"]),
     "compile_step_bf16_crops_in_process": (1, ["train.compile=step", "train.autocast=bf16",
                                                "crops.batched_on=device", "data.num_workers=0"]),
     "bf16_autocast": (1, ["train.autocast=bf16"]),
