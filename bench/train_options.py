@@ -50,7 +50,7 @@ VARIANTS: dict[str, tuple[int, list[str]]] = {
 }
 
 
-BASELINE = "baseline"  # the `default` variant run from another commit's source (--baseline REV)
+BASELINE = "baseline"  # --baseline-variant (default: `default`) run from another commit's source (--baseline REV)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -102,7 +102,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--data", default=FASHION_MNIST_DIR, help="the Fashion-MNIST IDX folder")
     parser.add_argument("--baseline", metavar="REV", default=None,
-                        help="also run the default preset from this git revision (variant 'baseline')")
+                        help="also run --baseline-variant from this git revision (reported as variant 'baseline')")
     parser.add_argument("--baseline-variant", default="default", choices=list(VARIANTS),
                         help="the variant that --baseline runs (default: the preset's defaults)")
     parser.add_argument("--cold-cache", action="store_true",

@@ -312,7 +312,7 @@ def train_step(
     temp: Any = torch.tensor(sched["teacher_temp"]) if cfg.train.compile == "step" else sched["teacher_temp"]
     if cfg.train.compile == "step":
         for part in [batch, *(m.batch for m in micro_batches or ())]:
-            mark_masked_dynamic(part)
+            _mark_masked_dynamic(part)
     if micro_batches:
         terms, targets = _accumulate(forward or model, batch, micro_batches, temp, cfg, device)
     else:
@@ -329,7 +329,7 @@ def train_step(
     return reported, targets
 
 
-def mark_masked_dynamic(batch: dict[str, Any]) -> None:
+def _mark_masked_dynamic(batch: dict[str, Any]) -> None:
     """Tell torch.compile up front that the number of masked patches changes from batch to batch.
 
     Otherwise it compiles the whole step for the first batch's count, then again, with that
