@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Subset
 
-from dinokit.config import Config, load_config
+from dinokit.config import Config, OptimConfig, load_config
 from dinokit.data.datasets import FASHION_MNIST_DIR, DatasetError, FashionMNIST, ImageFolderDataset
 from dinokit.eval.commands import split_features
-from dinokit.eval.embed import linear_feature_kinds
+from dinokit.eval.embed import PreprocessedImages, eval_transform_for, linear_feature_kinds
 from dinokit.eval.knn import knn_classify
 from dinokit.eval.linear import linear_probe
 from dinokit.folder_fit import cache_folder, fit_folder
@@ -83,6 +83,27 @@ def cpu_speed_options(machine: dict[str, Any] | None = None, compiler: str | Non
         options.append("train.autocast=bf16")
         why += ", bf16 autocast (AMX)"
     return options, why
+
+
+# The compiled step's images per second grow with the batch (64 -> 256: ~1.6x on 2 CPU cores),
+# and the tiny preset's images in batches of 256 (1,500 steps instead of 6,000) reach the same
+# k-NN accuracy (docs/benchmarks.md has both measurements).
+COMPILED_BATCH = 256
+
+
+def compiled_batch_options(optim: OptimConfig, overrides: list[str]) -> tuple[list[str], str]:
+    """Overrides that pretrain the preset's images in batches of `COMPILED_BATCH` (same number of
+    images, fewer steps), and why; none where the preset's batch is already as large, where its
+    images do not divide into such batches, or where the user sets the batch or epoch length."""
+    images_per_epoch = optim.batch_size * optim.epoch_length
+    chosen = {item.partition("=")[0].strip() for item in overrides}
+    if (optim.batch_size >= COMPILED_BATCH or images_per_epoch % COMPILED_BATCH
+            or chosen & {"optim.batch_size", "optim.epoch_length"}):
+        return [], ""
+    length = images_per_epoch // COMPILED_BATCH
+    return ([f"optim.batch_size={COMPILED_BATCH}", f"optim.epoch_length={length}"],
+            f"batches of {COMPILED_BATCH} ({optim.epochs * length} steps for the preset's "
+            f"{optim.epochs * optim.epoch_length} steps of {optim.batch_size} images)")
 
 
 def quickstart_config(train_spec: str, fashion_mnist: bool, steps: int | None, preset: str,
@@ -148,11 +169,14 @@ def run_quickstart(out: Path, data: Path | None = None, fmnist_root: Path = Path
     t_start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     speed, speed_reason = cpu_speed_options() if speedups else ([], "none (--no-speedups)")
+    if "train.compile=step" in speed:
+        batch, why = compiled_batch_options(load_config(preset, []).optim, list(overrides or []))
+        speed, speed_reason = speed + batch, speed_reason + (f", {why}" if batch else "")
     log.info("speed options: %s", speed_reason)
     fit = None
     if data is not None and preset == "tiny":
         folder = ImageFolderDataset(data)
-        preset_optim = load_config(preset, []).optim
+        preset_optim = load_config(preset, speed).optim
         fit = fit_folder(folder, preset_optim.epochs, preset_optim.epoch_length)
         log.info("%s: %s", data, fit.reason)
         if fit.overrides:
@@ -164,6 +188,9 @@ def run_quickstart(out: Path, data: Path | None = None, fmnist_root: Path = Path
         description = description.replace(str(data), f"{folder.root} (decoded once at {fit.working_size} px into {data})")
     cfg = quickstart_config(train_spec, data is None, steps, preset, list(overrides or []),
                             fit.overrides if fit else (), tuple(speed))
+    speed_in_effect = _in_effect(speed, [*(fit.overrides if fit else ()), *(overrides or [])])
+    if speed_in_effect != speed:
+        speed_reason += "; replaced by the overrides: " + ", ".join(o for o in speed if o not in speed_in_effect)
     run_dir = out / "run"
     log.info("pretraining %s steps on %s", cfg.run_steps, description)
     t0 = time.time()
@@ -171,30 +198,44 @@ def run_quickstart(out: Path, data: Path | None = None, fmnist_root: Path = Path
     train_seconds = time.time() - t0
 
     evaluations = []
+    t_eval = time.time()
     if eval_train is not None and eval_test is not None:
         depth = cfg.model.depth or 12
+        # Whole images at the training crop size (no 256/224 centre crop: small images fill their
+        # frame), decoded and preprocessed once for the three feature sets below.
+        size = cfg.crops.global_size
+        transform = eval_transform_for(size, resize=size, crop=size)
+        train_images, test_images = PreprocessedImages(eval_train, transform), PreprocessedImages(eval_test, transform)
         for name, backbone, kw in (
             ("dinokit pretrained (teacher)", str(run_dir), {}),
             ("same architecture, random init", str(run_dir), {"random_init": True}),
             ("raw pixels", "pixels", {}),
         ):
-            # Whole images at the training crop size (no 256/224 centre crop: small images
-            # fill their frame).
-            kw = {**kw, "resize": cfg.crops.global_size, "crop": cfg.crops.global_size}
             log.info("evaluating %s", name)
-            evaluations.append(_evaluate(name, backbone, eval_train, eval_test, depth, **kw))
+            evaluations.append(_evaluate(name, backbone, train_images, test_images, depth, resize=size, crop=size,
+                                         **kw))
+    eval_seconds = time.time() - t_eval
     pictures = _pictures(run_dir, out, eval_test, train_spec)
     (out / "results.json").write_text(json.dumps({
         "machine": machine_info(), "data": description, "preset": preset, "overrides": list(overrides or []),
-        "speed_options": speed, "fit": asdict(fit) if fit else None,
+        "speed_options": speed_in_effect,
+        "fit": asdict(fit) if fit else None,
         "evaluations": evaluations, "steps": result.steps_done, "skipped_images": result.skipped_images,
         "train_seconds": round(train_seconds, 1), "first_step_seconds": _rounded(result.first_step_seconds),
+        "eval_seconds": round(eval_seconds, 1),
         "wall_seconds": round(time.time() - t_start, 1)}, indent=2))
     report = out / "report.md"
     report.write_text(_report(cfg, description, result.steps_done, train_seconds, result.skipped_images,
                               evaluations, pictures, time.time() - t_start, fit.reason if fit else None,
                               speed_reason, result.first_step_seconds))
     return report
+
+
+def _in_effect(options: list[str], later: list[str]) -> list[str]:
+    """The `key=value` options that no later override replaced (a user's `train.autocast=none`
+    removes the chosen `train.autocast=bf16` from what results.json reports)."""
+    replaced = {item.partition("=")[0].strip() for item in later}
+    return [o for o in options if o.partition("=")[0].strip() not in replaced]
 
 
 def _rounded(seconds: float | None) -> float | None:

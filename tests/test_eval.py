@@ -16,6 +16,7 @@ from PIL import Image
 from dinokit.data.datasets import ImageDecodeWarning, ImageFolderDataset
 from dinokit.eval import (
     PixelBackbone,
+    PreprocessedImages,
     add_commands,
     eval_transform_for,
     evaluate_knn,
@@ -26,6 +27,7 @@ from dinokit.eval import (
     knn_classify,
     linear_probe,
     read_features,
+    split_features,
     write_feature_shards,
 )
 from dinokit.eval.embed import parse_feature_kind
@@ -318,6 +320,29 @@ def test_evaluate_linear_with_a_module(image_folder: Path):
     # Depth 2: the official {last 1, last 4} x {+-avgpool} set with 4 clamped to 2.
     assert res["features"] == ["cls_last1", "cls_last1_avgpool", "cls_last2", "cls_last2_avgpool"]
     assert res["image_size"] == 16 and res["results"]["n_val"] == 3
+
+
+def test_preprocessed_images_give_the_features_of_the_raw_images(image_folder: Path, held_out: Path):
+    """Images preprocessed once (for several backbones) give bit-identical features and the same
+    skipped image as the raw dataset; a backbone that needs other preprocessing is refused."""
+    train, test = ImageFolderDataset(image_folder), ImageFolderDataset(held_out)
+    transform = eval_transform_for(16)
+    broken = next(i for i in range(len(train)) if train.path(i).endswith("2_broken.png"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ImageDecodeWarning)
+        pre_train, pre_test = PreprocessedImages(train, transform), PreprocessedImages(test, transform)
+        assert len(pre_train) == len(train) and pre_train[broken] is None and len(pre_train.labels) == len(train) - 1
+        for backbone, kinds in ((tiny_vit(), ["cls", "cls_last2_avgpool"]), ("pixels:16", ["cls"])):
+            raw = split_features(backbone, train, test, kinds, crop=16, device="cpu", progress=False)
+            pre = split_features(backbone, pre_train, pre_test, kinds, crop=16, device="cpu", progress=False)
+            for want, got in zip(raw[:2], pre[:2]):
+                assert want.features.keys() == got.features.keys() == set(kinds)
+                assert all(torch.equal(want.features[k], got.features[k]) for k in want.features)
+                assert torch.equal(want.labels, got.labels) and want.skipped == got.skipped == [broken]
+            assert pre[2]["transform"] == raw[2]["transform"] == repr(transform)
+        with pytest.raises(ValueError, match="preprocessed with"):
+            split_features(tiny_vit(), PreprocessedImages(train, eval_transform_for(16, resize=16)), None, ["cls"],
+                           crop=16, device="cpu", progress=False)
 
 
 def test_eval_refuses_features_of_another_backbone_or_preprocessing(image_folder: Path, tmp_path: Path, capsys):

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from dinokit.cli import main
-from dinokit.quickstart import cpu_speed_options, quickstart_config
+from dinokit.config import load_config
+from dinokit.quickstart import _in_effect, compiled_batch_options, cpu_speed_options, quickstart_config
 
 SMALL = [
     "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "head.out_dim=64", "head.hidden_dim=32",
@@ -46,6 +47,7 @@ def test_quickstart_on_an_image_folder_writes_the_report(tmp_path: Path, capsys)
     assert results["machine"]["cpu"] and results["machine"]["cores"] >= 1 and results["machine"]["torch"]
     assert results["wall_seconds"] >= results["train_seconds"] > 0 and results["preset"] == "tiny"
     assert 0 < results["first_step_seconds"] <= results["train_seconds"] + 0.05  # train_seconds is rounded to 0.1
+    assert 0 < results["eval_seconds"] and results["train_seconds"] + results["eval_seconds"] <= results["wall_seconds"] + 0.1
     assert "- first step:" not in report  # only stated where the step is compiled
     assert results["speed_options"] == [] and "- speed options for this machine: none (--no-speedups)" in report
 
@@ -62,8 +64,25 @@ def test_speed_options_follow_the_machine(monkeypatch) -> None:
     # each option is a valid override of the preset, and the user's overrides still win
     cfg = quickstart_config("/data", False, None, "tiny", ["train.autocast=none"], speed=tuple(cpu_speed_options(amx, "g++")[0]))
     assert cfg.train.compile == "step" and cfg.crops.batched_on == "device" and cfg.train.autocast == "none"
+    # results.json lists only the options that no later override replaced
+    assert _in_effect(options, ["train.autocast=none", "data.num_workers = 2"]) == [
+        "train.compile=step", "crops.batched_on=device"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert cpu_speed_options(amx, compiler="g++")[0] == []
+
+
+def test_compiled_batch_keeps_the_images_of_the_preset() -> None:
+    tiny = load_config("tiny", []).optim
+    options, why = compiled_batch_options(tiny, ["train.seed=1"])
+    assert options == ["optim.batch_size=256", "optim.epoch_length=75"] and "1500 steps" in why
+    cfg = load_config("tiny", options)
+    images = lambda o: o.batch_size * o.epoch_length * o.epochs  # noqa: E731
+    assert images(cfg.optim) == images(tiny) == 384_000 and cfg.optim.epochs == tiny.epochs
+    # the user's batch or epoch length wins whole; a preset already at 256 or not divisible is kept
+    assert compiled_batch_options(tiny, ["optim.batch_size=32"]) == ([], "")
+    assert compiled_batch_options(tiny, ["optim.epoch_length = 10"]) == ([], "")
+    assert compiled_batch_options(load_config("tiny", ["optim.batch_size=256"]).optim, []) == ([], "")
+    assert compiled_batch_options(load_config("tiny", ["optim.epoch_length=301"]).optim, []) == ([], "")
 
 
 def test_quickstart_without_fashion_mnist_says_how_to_get_it(tmp_path: Path, capsys) -> None:

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from dinokit.eval.embed import (
     Extracted,
+    PreprocessedImages,
     default_device,
     default_num_workers,
     eval_transform_for,
@@ -120,6 +121,11 @@ def split_features(
             if live_identity is None:  # one hash of the weights; the transform is the same for both splits
                 live_identity = feature_identity(resolved.model, transform, n_last_blocks)
             identities[split] = (live_identity, resolved.source)
+            if isinstance(data, PreprocessedImages):  # images already through this very transform
+                if repr(data.transform) != repr(transform):
+                    raise ValueError(f"the {split} images were preprocessed with {data.transform!r}, but "
+                                     f"{resolved.source} needs {transform!r}")
+                transform = None
             ex = extract_features(resolved.model, ds, transform, batch_size, features, n_last_blocks,
                                   bf16, num_workers, progress, device)
         if features is None:

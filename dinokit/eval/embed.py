@@ -47,6 +47,7 @@ __all__ = [
     "OFFICIAL_LINEAR_FEATURES",
     "Extracted",
     "PixelBackbone",
+    "PreprocessedImages",
     "default_device",
     "eval_transform_for",
     "extract_features",
@@ -282,6 +283,42 @@ def _collate(items: list[tuple[int, Tensor | None, int]]) -> tuple[Tensor | None
     labels = torch.tensor([it[2] for it in kept], dtype=torch.int64)
     index = torch.tensor([it[0] for it in kept], dtype=torch.int64)
     return images, labels, index, skipped
+
+
+class PreprocessedImages(Dataset):
+    """A labelled dataset passed through `transform` once and held in memory as one tensor, so
+    that several backbones evaluated on the same images (a trained model, its random init, raw
+    pixels) decode and preprocess each image once. Items are `(image tensor, label)`, or None where
+    `base` had an undecodable image (the index stays, so skipped counts are unchanged).
+    `split_features` takes it in place of the raw dataset when its transform is the same.
+    """
+
+    def __init__(self, base: Dataset, transform: Callable[..., Tensor], batch_size: int = 256,
+                 num_workers: int = 0) -> None:
+        self.transform = transform
+        size = len(base)  # type: ignore[arg-type]
+        loader = DataLoader(_Indexed(base, transform), batch_size=batch_size, shuffle=False,
+                            num_workers=num_workers, collate_fn=_collate)
+        rows: list[Tensor] = []
+        labels: list[Tensor] = []
+        index: list[Tensor] = []
+        for images, lab, idx, _ in loader:
+            if images is not None:
+                rows.append(images)
+                labels.append(lab)
+                index.append(idx)
+        if not rows:
+            raise DatasetError("no image of the dataset could be decoded")
+        self.images, self.labels = torch.cat(rows), torch.cat(labels)
+        self._row = torch.full((size,), -1, dtype=torch.int64)  # dataset index -> row (-1: undecodable)
+        self._row[torch.cat(index)] = torch.arange(len(self.labels))
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int] | None:
+        row = int(self._row[i])
+        return None if row < 0 else (self.images[row], int(self.labels[row]))
 
 
 def _model_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
