@@ -42,6 +42,11 @@ VARIANTS: dict[str, tuple[int, list[str]]] = {
     "compile_step_crops_in_process": (1, ["train.compile=step", "crops.batched_on=device", "data.num_workers=0"]),
     "compile_step_bf16_crops_in_process": (1, ["train.compile=step", "train.autocast=bf16",
                                                "crops.batched_on=device", "data.num_workers=0"]),
+    # What `dinokit quickstart` picks on a CPU with AMX and a C++ compiler: the above, and the
+    # preset's images in batches of 256 (equal images, a quarter of the steps).
+    "quickstart_cpu": (1, ["train.compile=step", "crops.batched_on=device", "data.num_workers=0",
+                           "train.autocast=bf16", "optim.batch_size=256", "optim.epoch_length=75",
+                           "teacher.momentum_teacher=0.8145"]),
     "bf16_autocast": (1, ["train.autocast=bf16"]),
     "two_ranks": (2, ["data.num_workers=0"]),
     # Not speed-only: a larger batch changes the recipe (the lr follows the scaling rule).

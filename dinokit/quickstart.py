@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Subset
 
-from dinokit.config import Config, OptimConfig, load_config
+from dinokit.config import Config, load_config
 from dinokit.data.datasets import FASHION_MNIST_DIR, DatasetError, FashionMNIST, ImageFolderDataset
 from dinokit.eval.commands import split_features
 from dinokit.eval.embed import PreprocessedImages, eval_transform_for, linear_feature_kinds
@@ -91,19 +91,25 @@ def cpu_speed_options(machine: dict[str, Any] | None = None, compiler: str | Non
 COMPILED_BATCH = 256
 
 
-def compiled_batch_options(optim: OptimConfig, overrides: list[str]) -> tuple[list[str], str]:
+def compiled_batch_options(cfg: Config, overrides: list[str]) -> tuple[list[str], str]:
     """Overrides that pretrain the preset's images in batches of `COMPILED_BATCH` (same number of
     images, fewer steps), and why; none where the preset's batch is already as large, where its
-    images do not divide into such batches, or where the user sets the batch or epoch length."""
+    images do not divide into such batches, or where the user sets the batch, the epoch length or
+    the teacher momentum. The teacher's starting momentum m becomes m ** (new batch / old batch):
+    one step then moves the teacher as far as the old steps over the same images did."""
+    optim = cfg.optim
     images_per_epoch = optim.batch_size * optim.epoch_length
     chosen = {item.partition("=")[0].strip() for item in overrides}
     if (optim.batch_size >= COMPILED_BATCH or images_per_epoch % COMPILED_BATCH
-            or chosen & {"optim.batch_size", "optim.epoch_length"}):
+            or chosen & {"optim.batch_size", "optim.epoch_length", "teacher.momentum_teacher"}):
         return [], ""
     length = images_per_epoch // COMPILED_BATCH
-    return ([f"optim.batch_size={COMPILED_BATCH}", f"optim.epoch_length={length}"],
+    momentum = round(cfg.teacher.momentum_teacher ** (COMPILED_BATCH / optim.batch_size), 4)
+    return ([f"optim.batch_size={COMPILED_BATCH}", f"optim.epoch_length={length}",
+             f"teacher.momentum_teacher={momentum}"],
             f"batches of {COMPILED_BATCH} ({optim.epochs * length} steps for the preset's "
-            f"{optim.epochs * optim.epoch_length} steps of {optim.batch_size} images)")
+            f"{optim.epochs * optim.epoch_length} steps of {optim.batch_size} images, teacher momentum "
+            f"{cfg.teacher.momentum_teacher:g} -> {momentum:g})")
 
 
 def quickstart_config(train_spec: str, fashion_mnist: bool, steps: int | None, preset: str,
@@ -170,7 +176,7 @@ def run_quickstart(out: Path, data: Path | None = None, fmnist_root: Path = Path
     out.mkdir(parents=True, exist_ok=True)
     speed, speed_reason = cpu_speed_options() if speedups else ([], "none (--no-speedups)")
     if "train.compile=step" in speed:
-        batch, why = compiled_batch_options(load_config(preset, []).optim, list(overrides or []))
+        batch, why = compiled_batch_options(load_config(preset, []), list(overrides or []))
         speed, speed_reason = speed + batch, speed_reason + (f", {why}" if batch else "")
     log.info("speed options: %s", speed_reason)
     fit = None

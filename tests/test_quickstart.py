@@ -72,17 +72,18 @@ def test_speed_options_follow_the_machine(monkeypatch) -> None:
 
 
 def test_compiled_batch_keeps_the_images_of_the_preset() -> None:
-    tiny = load_config("tiny", []).optim
+    tiny = load_config("tiny", [])
     options, why = compiled_batch_options(tiny, ["train.seed=1"])
-    assert options == ["optim.batch_size=256", "optim.epoch_length=75"] and "1500 steps" in why
+    assert options == ["optim.batch_size=256", "optim.epoch_length=75", "teacher.momentum_teacher=0.8145"]
+    assert "1500 steps" in why and "0.95 -> 0.8145" in why
     cfg = load_config("tiny", options)
     images = lambda o: o.batch_size * o.epoch_length * o.epochs  # noqa: E731
-    assert images(cfg.optim) == images(tiny) == 384_000 and cfg.optim.epochs == tiny.epochs
-    # the user's batch or epoch length wins whole; a preset already at 256 or not divisible is kept
-    assert compiled_batch_options(tiny, ["optim.batch_size=32"]) == ([], "")
-    assert compiled_batch_options(tiny, ["optim.epoch_length = 10"]) == ([], "")
-    assert compiled_batch_options(load_config("tiny", ["optim.batch_size=256"]).optim, []) == ([], "")
-    assert compiled_batch_options(load_config("tiny", ["optim.epoch_length=301"]).optim, []) == ([], "")
+    assert images(cfg.optim) == images(tiny.optim) == 384_000 and cfg.optim.epochs == tiny.optim.epochs
+    # the user's batch, epoch length or momentum wins whole; a preset already at 256 or not divisible is kept
+    for user in ("optim.batch_size=32", "optim.epoch_length = 10", "teacher.momentum_teacher=0.9"):
+        assert compiled_batch_options(tiny, [user]) == ([], "")
+    assert compiled_batch_options(load_config("tiny", ["optim.batch_size=256"]), []) == ([], "")
+    assert compiled_batch_options(load_config("tiny", ["optim.epoch_length=301"]), []) == ([], "")
 
 
 def test_quickstart_without_fashion_mnist_says_how_to_get_it(tmp_path: Path, capsys) -> None:

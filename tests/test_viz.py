@@ -307,3 +307,23 @@ def test_viz_commands_name_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "broken.jpg" in capsys.readouterr().err
     assert _run(["viz", "curves", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c.png")]) == 2
     assert "nowhere/metrics.jsonl" in capsys.readouterr().err
+
+
+def test_random_init_baseline_is_the_same_network_every_time(vit: nn.Module, tmp_path: Path) -> None:
+    from dinokit.checkpoint.resolve import resolve_backbone
+
+    with torch.no_grad():  # "trained" weights, unlike any seed's initialisation
+        for p in vit.parameters():
+            p.add_(0.5)
+    run = _tiny_run(tmp_path / "run", vit)
+    torch.manual_seed(1)
+    first = resolve_backbone(run, random_init=True).model.state_dict()
+    state = torch.random.get_rng_state()
+    torch.manual_seed(2)  # another global RNG state: the same random weights
+    again = resolve_backbone(run, random_init=True).model.state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    trained = resolve_backbone(run).model.state_dict()
+    assert not torch.equal(first["blocks.0.attn.qkv.weight"], trained["blocks.0.attn.qkv.weight"])
+    torch.manual_seed(1)
+    resolve_backbone(run, random_init=True)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG left as it was

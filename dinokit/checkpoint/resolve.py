@@ -16,6 +16,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
+
+import torch
+from torch import nn
 
 from dinokit.checkpoint.foreign import is_foreign_folder, not_a_backbone_folder, read_foreign_folder
 from dinokit.checkpoint.loading import CheckpointError, backbone_state_dict, load_into, read_checkpoint, with_mask_token
@@ -46,11 +50,13 @@ def resolve_backbone(spec: str | Path, arch: str | None = None, random_init: boo
         spec: run folder, checkpoint file, or architecture name.
         arch: architecture for a checkpoint file (default `dinov2_vits14`).
         random_init: for a run folder, keep the architecture but skip the weights (baseline).
+            Random weights (here and for an architecture name) are drawn from seed 0, so that a
+            random-init baseline is the same network in every run; the global RNG is left as it was.
     """
     path = Path(spec)
     if path.is_dir() and not (path / "config.yaml").is_file() and is_foreign_folder(path):
         foreign = read_foreign_folder(path)
-        model = foreign.args.build()
+        model = _seeded(foreign.args.build) if random_init else foreign.args.build()
         if random_init:
             return ResolvedBackbone(model.eval(), f"{path} architecture (random initialisation)", foreign.image_size or 224)
         load_into(model, with_mask_token(model, foreign.state), source=f"{path} ({foreign.library})")
@@ -67,12 +73,22 @@ def resolve_backbone(spec: str | Path, arch: str | None = None, random_init: boo
         load_into(model, state, source=str(path))
         return ResolvedBackbone(model.eval(), f"{path} ({name})", 224)
     if str(spec) in OFFICIAL_NAMES:
-        model = build_official(str(spec))
+        model = _seeded(lambda: build_official(str(spec)))
         return ResolvedBackbone(model.eval(), f"{spec} (random initialisation)", 224)
     raise CheckpointError(
         f"{spec} is neither a run folder, a transformers / timm folder, a checkpoint file nor an architecture name "
         f"({', '.join(OFFICIAL_NAMES)})"
     )
+
+
+_Model = TypeVar("_Model", bound=nn.Module)
+
+
+def _seeded(build: Callable[[], _Model], seed: int = 0) -> _Model:
+    """`build()` with its random weights drawn from `seed`, the caller's RNG state kept."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
 
 
 def _from_run(run_dir: Path, random_init: bool) -> ResolvedBackbone:
@@ -86,7 +102,8 @@ def _from_run(run_dir: Path, random_init: bool) -> ResolvedBackbone:
         names = ", ".join(sorted(p.name for p in (run_dir / "students").iterdir())) if (run_dir / "students").is_dir() else ""
         raise CheckpointError(f"{run_dir} is a distillation run: name one of its students, {run_dir}/students/NAME"
                               + (f" ({names})" if names else ""))
-    model = backbone_from_config(cfg.model, use_mask_token=cfg.loss.mode != "dino")
+    build = lambda: backbone_from_config(cfg.model, use_mask_token=cfg.loss.mode != "dino")  # noqa: E731
+    model = _seeded(build) if random_init else build()
     weights = run_dir / "teacher_backbone.safetensors"
     image_size = cfg.crops.global_size
     if random_init:
