@@ -112,6 +112,17 @@ def compiled_batch_options(cfg: Config, overrides: list[str]) -> tuple[list[str]
             f"{cfg.teacher.momentum_teacher:g} -> {momentum:g})")
 
 
+def quickstart_speed_options(preset: Config, overrides: list[str], machine: dict[str, Any] | None = None,
+                             compiler: str | None = None) -> tuple[list[str], str]:
+    """The machine's speed options (`cpu_speed_options`) and, where the step is compiled and the
+    user has not turned that off, the batches of `compiled_batch_options`; and why."""
+    options, why = cpu_speed_options(machine, compiler)
+    if "train.compile=step" in _in_effect(options, overrides):
+        batch, batch_why = compiled_batch_options(preset, overrides)
+        options, why = options + batch, why + (f", {batch_why}" if batch else "")
+    return options, why
+
+
 def quickstart_config(train_spec: str, fashion_mnist: bool, steps: int | None, preset: str,
                       overrides: list[str], fit: tuple[str, ...] = (), speed: tuple[str, ...] = ()) -> Config:
     """The run's configuration: the preset, then the machine's speed options, then the folder fit,
@@ -174,10 +185,8 @@ def run_quickstart(out: Path, data: Path | None = None, fmnist_root: Path = Path
     """Run everything and return the path of `report.md`."""
     t_start = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    speed, speed_reason = cpu_speed_options() if speedups else ([], "none (--no-speedups)")
-    if "train.compile=step" in speed:
-        batch, why = compiled_batch_options(load_config(preset, []), list(overrides or []))
-        speed, speed_reason = speed + batch, speed_reason + (f", {why}" if batch else "")
+    speed, speed_reason = (quickstart_speed_options(load_config(preset, []), list(overrides or []))
+                           if speedups else ([], "none (--no-speedups)"))
     log.info("speed options: %s", speed_reason)
     fit = None
     if data is not None and preset == "tiny":

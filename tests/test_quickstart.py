@@ -11,7 +11,13 @@ from PIL import Image
 
 from dinokit.cli import main
 from dinokit.config import load_config
-from dinokit.quickstart import _in_effect, compiled_batch_options, cpu_speed_options, quickstart_config
+from dinokit.quickstart import (
+    _in_effect,
+    compiled_batch_options,
+    cpu_speed_options,
+    quickstart_config,
+    quickstart_speed_options,
+)
 
 SMALL = [
     "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "head.out_dim=64", "head.hidden_dim=32",
@@ -84,6 +90,16 @@ def test_compiled_batch_keeps_the_images_of_the_preset() -> None:
         assert compiled_batch_options(tiny, [user]) == ([], "")
     assert compiled_batch_options(load_config("tiny", ["optim.batch_size=256"]), []) == ([], "")
     assert compiled_batch_options(load_config("tiny", ["optim.epoch_length=301"]), []) == ([], "")
+
+
+def test_quickstart_batches_only_with_the_compiled_step(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    tiny, amx = load_config("tiny", []), {"isa": ["amx_bf16"]}
+    options, why = quickstart_speed_options(tiny, [], amx, compiler="g++")
+    assert options[-3:] == compiled_batch_options(tiny, [])[0] and "batches of 256" in why and "AMX" in why
+    options, why = quickstart_speed_options(tiny, ["train.compile=none"], amx, compiler="g++")
+    assert "optim.batch_size=256" not in options and "batches" not in why
+    assert quickstart_speed_options(tiny, [], amx, compiler="")[0] == []  # eager: the preset's batch
 
 
 def test_quickstart_without_fashion_mnist_says_how_to_get_it(tmp_path: Path, capsys) -> None:
