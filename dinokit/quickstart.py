@@ -85,9 +85,9 @@ def cpu_speed_options(machine: dict[str, Any] | None = None, compiler: str | Non
     return options, why
 
 
-# The compiled step's images per second grow with the batch (64 -> 256: ~1.6x on 2 CPU cores),
-# and the tiny preset's images in batches of 256 (1,500 steps instead of 6,000) reach the same
-# k-NN accuracy (docs/benchmarks.md has both measurements).
+# The compiled step's images per second grow with the batch (64 -> 256: 1.47x on 2 CPU cores),
+# and the tiny preset's images in batches of 256 (1,500 steps instead of 6,000) land within seed
+# noise of its k-NN accuracy, about 0.2 points lower (docs/benchmarks.md, docs/recipe-study.md).
 COMPILED_BATCH = 256
 
 
@@ -99,9 +99,8 @@ def compiled_batch_options(cfg: Config, overrides: list[str]) -> tuple[list[str]
     one step then moves the teacher as far as the old steps over the same images did."""
     optim = cfg.optim
     images_per_epoch = optim.batch_size * optim.epoch_length
-    chosen = {item.partition("=")[0].strip() for item in overrides}
     if (optim.batch_size >= COMPILED_BATCH or images_per_epoch % COMPILED_BATCH
-            or chosen & {"optim.batch_size", "optim.epoch_length", "teacher.momentum_teacher"}):
+            or _override_keys(overrides) & {"optim.batch_size", "optim.epoch_length", "teacher.momentum_teacher"}):
         return [], ""
     length = images_per_epoch // COMPILED_BATCH
     momentum = round(cfg.teacher.momentum_teacher ** (COMPILED_BATCH / optim.batch_size), 4)
@@ -249,8 +248,13 @@ def run_quickstart(out: Path, data: Path | None = None, fmnist_root: Path = Path
 def _in_effect(options: list[str], later: list[str]) -> list[str]:
     """The `key=value` options that no later override replaced (a user's `train.autocast=none`
     removes the chosen `train.autocast=bf16` from what results.json reports)."""
-    replaced = {item.partition("=")[0].strip() for item in later}
+    replaced = _override_keys(later)
     return [o for o in options if o.partition("=")[0].strip() not in replaced]
+
+
+def _override_keys(overrides: list[str]) -> set[str]:
+    """The dotted keys that `key=value` overrides set."""
+    return {item.partition("=")[0].strip() for item in overrides}
 
 
 def _rounded(seconds: float | None) -> float | None:

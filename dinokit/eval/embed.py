@@ -291,6 +291,7 @@ class PreprocessedImages(Dataset):
     pixels) decode and preprocess each image once. Items are `(image tensor, label)`, or None where
     `base` had an undecodable image (the index stays, so skipped counts are unchanged).
     `split_features` takes it in place of the raw dataset when its transform is the same.
+    Memory: every image as float32 (Fashion-MNIST's 70,000 at 3 x 28 x 28: about 660 MB).
     """
 
     def __init__(self, base: Dataset, transform: Callable[..., Tensor], batch_size: int = 256,
